@@ -1,0 +1,63 @@
+"""The error tree of pgcapture.
+
+Every error a user can meet is one of these, with a lowercase message that names the problem,
+the value involved and the fix (DESIGN.md, contract 8)::
+
+    PgCaptureError
+    ├── ConfigError            bad configuration or arguments; nothing was started
+    ├── SourceError            the source database refuses what capture needs
+    │   ├── UnsupportedServer  server version or wal_level cannot do logical decoding
+    │   ├── PermissionDenied   a missing privilege (REPLICATION, CREATE, ownership)
+    │   └── SlotInUse          the replication slot is active in another process
+    ├── ProtocolError          the server sent bytes we cannot make sense of
+    │   └── DecodeError        malformed or truncated pgoutput message (tag and offset)
+    └── ConnectionLost         a connection dropped; the caller may retry
+"""
+
+from __future__ import annotations
+
+
+class PgCaptureError(Exception):
+    """Base of every error raised on purpose by pgcapture."""
+
+
+class ConfigError(PgCaptureError):
+    """Configuration or arguments are wrong; the message names the key and the fix."""
+
+
+class SourceError(PgCaptureError):
+    """The source database cannot serve capture as configured."""
+
+
+class UnsupportedServer(SourceError):
+    """The server's version or settings cannot do what is needed."""
+
+
+class PermissionDenied(SourceError):
+    """The connecting role lacks a privilege."""
+
+
+class SlotInUse(SourceError):
+    """The replication slot is being read by another process."""
+
+
+class ProtocolError(PgCaptureError):
+    """Bytes from the server do not follow the protocol."""
+
+
+class DecodeError(ProtocolError):
+    """A pgoutput message is malformed or truncated.
+
+    ``tag`` is the message's type byte as a one-character string (``"?"`` when even that is
+    missing), ``offset`` the byte offset inside the message where decoding failed.
+    """
+
+    def __init__(self, tag: str, offset: int, problem: str) -> None:
+        super().__init__(f"pgoutput message {tag!r}: {problem} at offset {offset}")
+        self.tag = tag
+        self.offset = offset
+        self.problem = problem
+
+
+class ConnectionLost(PgCaptureError):
+    """A server connection dropped; retrying later may succeed."""
