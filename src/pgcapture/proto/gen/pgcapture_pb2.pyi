@@ -300,6 +300,56 @@ class Table(_message.Message):
 Global___Table: _TypeAlias = Table  # noqa: Y015
 
 @_typing.final
+class LogBatch(_message.Message):
+    """Addition: the payload of one JetStream message of a source's stream, a run of consecutive
+    records in (lsn, seq) order (docs/protocol.md).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RECORDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def records(self) -> _containers.RepeatedCompositeFieldContainer[Global___LogRecord]: ...
+    def __init__(
+        self,
+        *,
+        records: _abc.Iterable[Global___LogRecord] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["records", b"records"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LogBatch: _TypeAlias = LogBatch  # noqa: Y015
+
+@_typing.final
+class LogRecord(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LSN_FIELD_NUMBER: _builtins.int
+    SEQ_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    lsn: _builtins.int
+    seq: _builtins.int
+    message: _builtins.bytes
+    """a serialized Message"""
+    def __init__(
+        self,
+        *,
+        lsn: _builtins.int = ...,
+        seq: _builtins.int = ...,
+        message: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lsn", b"lsn", "message", b"message", "seq", b"seq"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LogRecord: _TypeAlias = LogRecord  # noqa: Y015
+
+@_typing.final
 class CaptureRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -1,0 +1,39 @@
+"""The ``pgcapture`` command: one subcommand per module in this package.
+
+Each subcommand parses its options, builds the library objects and calls their ``run``; errors
+of pgcapture's own tree end the process with one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from pgcapture import __version__
+from pgcapture.cli.quickstart import quickstart
+from pgcapture.cli.tail import tail
+from pgcapture.errors import PgCaptureError
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="pgcapture")
+def cli() -> None:
+    """Change data capture for PostgreSQL: ordered, durable, DDL-aware."""
+
+
+cli.add_command(tail)
+cli.add_command(quickstart)
+
+
+def main() -> None:
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except PgCaptureError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)

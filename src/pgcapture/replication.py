@@ -1,0 +1,293 @@
+"""An asyncio logical replication stream over libpq (psycopg's low-level ``pq`` layer).
+
+psycopg 3 has no replication API, but its connection runs replication commands with the simple
+query protocol and, since 3.3, returns from ``START_REPLICATION`` with the connection in
+CopyBoth mode. From there this module speaks the streaming replication sub-protocol itself
+(PostgreSQL docs, "Streaming Replication Protocol"): it reads XLogData ('w') and Primary
+keepalive ('k') messages and sends Standby status updates ('r').
+
+The contract with the caller (DESIGN.md, contract 2):
+
+* ``confirm(lsn)`` says "everything up to ``lsn`` is durable downstream". Only that position is
+  ever reported to the server as flushed; it never goes backwards.
+* A keepalive that asks for a reply is answered at once; a status update is also sent every
+  ``status_interval`` seconds and once more on ``close()``.
+* On an idle database the slot still advances: a keepalive's WAL position is reported as flushed
+  when nothing received is still unconfirmed ("nothing in flight"). A logical walsender's
+  keepalive carries the position up to which it has decoded and sent, so every transaction that
+  committed before it has been delivered already.
+
+psycopg registers its own reader on the connection's socket while it executes a command, and
+removes it afterwards; ours is registered only once ``START_REPLICATION`` has returned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import struct
+import time
+from dataclasses import dataclass
+from typing import Any, Final, NamedTuple
+
+import psycopg
+from psycopg import pq
+
+from pgcapture.errors import ConnectionLost, PermissionDenied, ProtocolError, SlotInUse, SourceError
+from pgcapture.lsn import LSN, format_lsn
+
+_XLOGDATA_HEADER: Final = struct.Struct(">QQq")  # data start, WAL end, send time
+_KEEPALIVE: Final = struct.Struct(">QqB")  # WAL end, send time, reply requested
+_STATUS: Final = struct.Struct(">cQQQqB")
+_PG_EPOCH_US: Final = 946_684_800_000_000  # 2000-01-01 in Unix microseconds
+_XLOGDATA: Final = ord("w")
+_PRIMARY_KEEPALIVE: Final = ord("k")
+
+
+class XLogData(NamedTuple):
+    """One WAL data message: ``payload`` is one message of the output plugin."""
+
+    data_start: int
+    wal_end: int
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class SystemInfo:
+    system_id: str
+    timeline: int
+    xlogpos: LSN
+    dbname: str | None
+
+
+def pg_now_us() -> int:
+    """Microseconds since 2000-01-01 UTC, the protocol's clock."""
+    return time.time_ns() // 1000 - _PG_EPOCH_US
+
+
+def quote_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def quote_literal(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+class ReplicationStream:
+    """A ``replication=database`` connection streaming one logical slot."""
+
+    def __init__(self, conn: psycopg.AsyncConnection[Any], status_interval: float = 10.0) -> None:
+        self._conn = conn
+        self._pgconn = conn.pgconn
+        self._status_interval = status_interval
+        self._readable = asyncio.Event()
+        self._streaming = False
+        self._confirmed = 0  # what the caller made durable
+        self._received = 0  # highest data start received
+        self._unconfirmed = False  # data received since the last confirm covering it
+        self._reported = -1
+        self._last_status = 0.0
+
+    @classmethod
+    async def connect(cls, dsn: str, status_interval: float = 10.0) -> ReplicationStream:
+        try:
+            conn = await psycopg.AsyncConnection.connect(
+                dsn, replication="database", autocommit=True
+            )
+        except psycopg.OperationalError as exc:
+            raise _translate_connect_error(exc) from exc
+        return cls(conn, status_interval)
+
+    @property
+    def confirmed(self) -> int:
+        return self._confirmed
+
+    async def identify_system(self) -> SystemInfo:
+        cur = await self._conn.execute("IDENTIFY_SYSTEM")
+        row = await cur.fetchone()
+        if row is None:
+            raise ProtocolError("IDENTIFY_SYSTEM returned no row")
+        return SystemInfo(str(row[0]), int(row[1]), LSN.parse(row[2]), row[3])
+
+    async def create_slot(self, slot: str, temporary: bool = False) -> LSN:
+        """Create a pgoutput slot on this connection; returns its consistent point."""
+        temp = " TEMPORARY" if temporary else ""
+        sql = (
+            f"CREATE_REPLICATION_SLOT {quote_ident(slot)}{temp} LOGICAL pgoutput NOEXPORT_SNAPSHOT"
+        )
+        try:
+            cur = await self._conn.execute(sql)
+        except psycopg.Error as exc:
+            raise _translate_stream_error(exc, slot) from exc
+        row = await cur.fetchone()
+        if row is None:
+            raise ProtocolError("CREATE_REPLICATION_SLOT returned no row")
+        return LSN.parse(row[1])
+
+    async def start(self, slot: str, start_lsn: int, options: dict[str, str]) -> None:
+        """``START_REPLICATION``; data for transactions committed before the slot's confirmed
+        position (or ``start_lsn`` if later) is not sent again by the server."""
+        opts = ", ".join(f"{quote_ident(k)} {quote_literal(v)}" for k, v in options.items())
+        sql = f"START_REPLICATION SLOT {quote_ident(slot)} LOGICAL {format_lsn(start_lsn)} ({opts})"
+        try:
+            await self._conn.execute(sql)
+        except psycopg.Error as exc:
+            raise _translate_stream_error(exc, slot) from exc
+        if self._pgconn.transaction_status != pq.TransactionStatus.ACTIVE:
+            raise ProtocolError("START_REPLICATION did not switch the connection to CopyBoth")
+        self._confirmed = max(self._confirmed, start_lsn)
+        self._streaming = True
+        self._last_status = time.monotonic()
+        asyncio.get_running_loop().add_reader(self._pgconn.socket, self._readable.set)
+
+    def confirm(self, lsn: int) -> None:
+        """Everything up to ``lsn`` is durable downstream. Never moves backwards."""
+        if lsn > self._confirmed:
+            self._confirmed = lsn
+        if self._confirmed >= self._received:
+            self._unconfirmed = False
+
+    async def read(self, max_messages: int = 4096) -> list[XLogData]:
+        """Wait for and return the XLogData messages available now (at least one).
+
+        Keepalives are handled here; status updates go out when due while waiting.
+        """
+        out: list[XLogData] = []
+        while not out:
+            self._drain(out, max_messages)
+            if out:
+                break
+            await self._maybe_send_status()
+            self._readable.clear()
+            self._consume()
+            self._drain(out, max_messages)
+            if out:
+                break
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._readable.wait(), self._wait_time())
+        await self._maybe_send_status()
+        return out
+
+    def _consume(self) -> None:
+        try:
+            self._pgconn.consume_input()
+        except psycopg.OperationalError as exc:
+            raise ConnectionLost(f"replication connection lost: {exc}") from exc
+
+    def _drain(self, out: list[XLogData], limit: int) -> None:
+        get = self._pgconn.get_copy_data
+        header = _XLOGDATA_HEADER.unpack_from
+        while len(out) < limit:
+            nbytes, data = get(1)
+            if nbytes == 0:
+                return
+            if nbytes < 0:
+                self._end_of_stream(nbytes)
+            kind = data[0]
+            if kind == _XLOGDATA:
+                start, end, _ = header(data, 1)
+                out.append(XLogData(start, end, bytes(data[25:])))
+                if start > self._received:
+                    self._received = start
+                self._unconfirmed = start > self._confirmed
+            elif kind == _PRIMARY_KEEPALIVE:
+                self._keepalive(bytes(data))
+            else:
+                raise ProtocolError(f"unexpected replication message type {chr(kind)!r}")
+
+    def _keepalive(self, data: bytes) -> None:
+        wal_end, _, reply = _KEEPALIVE.unpack_from(data, 1)
+        if not self._unconfirmed and wal_end > self._confirmed:
+            # Idle: everything received is durable, so the server's sent position is safe.
+            self._confirmed = wal_end
+            self._received = max(self._received, wal_end)
+        if reply:
+            self._send_status()
+
+    def _end_of_stream(self, nbytes: int) -> None:
+        self._streaming = False
+        res = self._pgconn.get_result()
+        if res is not None and res.status == pq.ExecStatus.FATAL_ERROR:
+            raise _translate_stream_error(psycopg.errors.error_from_result(res), None)
+        raise ConnectionLost(f"replication stream ended by the server: {self._error_message()}")
+
+    def _error_message(self) -> str:
+        msg = self._pgconn.get_error_message().strip()
+        return msg or "no message"
+
+    def _wait_time(self) -> float:
+        return max(0.05, self._status_interval - (time.monotonic() - self._last_status))
+
+    async def _maybe_send_status(self) -> None:
+        if time.monotonic() - self._last_status >= self._status_interval:
+            self._send_status()
+        await self._flush()
+
+    def _send_status(self) -> None:
+        flushed = self._confirmed
+        written = max(self._received, flushed)
+        msg = _STATUS.pack(b"r", written, flushed, flushed, pg_now_us(), 0)
+        queued = self._pgconn.put_copy_data(msg)
+        if queued == 0:  # nonblocking libpq with a full buffer: push it out and try again
+            self._pgconn.flush()
+            queued = self._pgconn.put_copy_data(msg)
+        if queued != 1:
+            raise ConnectionLost(f"cannot send status update: {self._error_message()}")
+        self._reported = flushed
+        self._last_status = time.monotonic()
+
+    async def _flush(self) -> None:
+        while self._pgconn.flush() == 1:
+            writable = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            loop.add_writer(self._pgconn.socket, writable.set)
+            try:
+                await writable.wait()
+            finally:
+                loop.remove_writer(self._pgconn.socket)
+
+    async def send_status(self) -> None:
+        """Report the confirmed position now."""
+        self._send_status()
+        await self._flush()
+
+    async def close(self) -> None:
+        """Report the confirmed position one last time, end the stream and disconnect."""
+        if self._streaming:
+            self._streaming = False
+            asyncio.get_running_loop().remove_reader(self._pgconn.socket)
+            try:
+                self._send_status()
+                self._pgconn.put_copy_end()
+                await self._flush()
+            except (ConnectionLost, psycopg.Error, OSError):
+                pass
+        await self._conn.close()
+
+
+def _translate_connect_error(exc: psycopg.OperationalError) -> Exception:
+    text = str(exc)
+    if "must be superuser or replication role" in text or "permission denied to start WAL" in text:
+        return PermissionDenied(
+            f"{text.strip()}; grant it with ALTER ROLE <role> REPLICATION (or use a superuser)"
+        )
+    if "no pg_hba.conf entry for replication" in text:
+        return PermissionDenied(
+            f"{text.strip()}; add a `host replication <role> <address> <method>` line to "
+            "pg_hba.conf and reload"
+        )
+    return ConnectionLost(f"cannot open a replication connection: {text.strip()}")
+
+
+def _translate_stream_error(exc: psycopg.Error, slot: str | None) -> Exception:
+    text = str(exc).strip()
+    sqlstate = getattr(exc, "sqlstate", None)
+    if sqlstate == "55006" or "is active for PID" in text:
+        return SlotInUse(
+            f"{text}; another process is reading slot {slot!r}: stop it, or use another slot"
+        )
+    if "wal_level" in text:
+        return SourceError(f"{text}; set wal_level=logical and restart the server")
+    if isinstance(exc, psycopg.OperationalError):
+        return ConnectionLost(f"replication connection failed: {text}")
+    return SourceError(text)

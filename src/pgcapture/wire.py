@@ -1,0 +1,109 @@
+"""Hand-written protobuf encoders for the capture hot path.
+
+Capture turns every pgoutput row into a wire ``Message`` (pgcapture.proto). Building protobuf
+objects field by field costs microseconds per row; concatenating precomputed byte prefixes costs
+a fraction of that. Every function here returns exactly the bytes ``SerializeToString()`` of the
+equivalent message would (fields in number order, proto3 defaults omitted); the unit tests check
+that on random inputs.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+_ONE_BYTE: Final = tuple(bytes([i]) for i in range(128))
+
+
+def varint(value: int) -> bytes:
+    """Base-128 varint of a non-negative int (``uint32``/``uint64``/lengths)."""
+    if value < 128:
+        return _ONE_BYTE[value]
+    out = bytearray()
+    while value >= 128:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def field_bytes(number: int, payload: bytes) -> bytes:
+    """A length-delimited field (wire type 2)."""
+    return varint(number << 3 | 2) + varint(len(payload)) + payload
+
+
+def field_varint(number: int, value: int) -> bytes:
+    """A varint field (wire type 0); empty for the proto3 default 0."""
+    if not value:
+        return b""
+    return varint(number << 3) + varint(value)
+
+
+def field_bool(number: int, value: bool) -> bytes:
+    return varint(number << 3) + b"\x01" if value else b""
+
+
+def field_string(number: int, value: str) -> bytes:
+    """A string field; empty for the proto3 default ''."""
+    return field_bytes(number, value.encode()) if value else b""
+
+
+# Message.type oneof numbers and Change fields (pgcapture.proto).
+MESSAGE_BEGIN: Final = 1
+MESSAGE_COMMIT: Final = 2
+MESSAGE_CHANGE: Final = 3
+MESSAGE_TRUNCATE: Final = 5
+OP_INSERT: Final = 0
+OP_UPDATE: Final = 1
+OP_DELETE: Final = 2
+
+_TAG_BINARY: Final = b"\x1a"  # Field.binary = 3, length-delimited
+_TAG_TEXT: Final = b"\x22"  # Field.text = 4, length-delimited
+_TAG_NEW: Final = b"\x22"  # Change.new = 4
+_TAG_OLD: Final = b"\x2a"  # Change.old = 5
+
+
+def field_prefix(name: str, oid: int) -> bytes:
+    """The constant head of a ``Field`` for one column: name and oid."""
+    return field_string(1, name) + field_varint(2, oid)
+
+
+def encode_field(prefix: bytes, kind: int, value: bytes | None) -> bytes:
+    """One ``Field``: ``kind`` is ``ord('b')`` binary, ``ord('t')`` text, else NULL (unset)."""
+    if value is None:
+        return prefix
+    tag = _TAG_BINARY if kind == 98 else _TAG_TEXT
+    return prefix + tag + varint(len(value)) + value
+
+
+def encode_fields(tag: bytes, fields: list[bytes]) -> bytes:
+    """Repeated ``Field`` entries of ``Change.new`` (``tag`` b'\\x22') or ``Change.old``."""
+    return b"".join([tag + varint(len(f)) + f for f in fields])
+
+
+def encode_change_message(head: bytes, new: list[bytes], old: list[bytes]) -> bytes:
+    """``Message{change}`` from ``head`` (op, schema, table already encoded) and field lists."""
+    body = head + encode_fields(_TAG_NEW, new) + encode_fields(_TAG_OLD, old)
+    return b"\x1a" + varint(len(body)) + body
+
+
+def change_head(op: int, schema: str, table: str) -> bytes:
+    """The constant head of a ``Change``: op, schema and table."""
+    return field_varint(1, op) + field_string(2, schema) + field_string(3, table)
+
+
+def encode_begin_message(final_lsn: int, commit_time: int, xid: int) -> bytes:
+    body = field_varint(1, final_lsn) + field_varint(2, commit_time) + field_varint(3, xid)
+    return field_bytes(MESSAGE_BEGIN, body)
+
+
+def encode_commit_message(commit_lsn: int, end_lsn: int, commit_time: int) -> bytes:
+    body = field_varint(1, commit_lsn) + field_varint(2, end_lsn) + field_varint(3, commit_time)
+    return field_bytes(MESSAGE_COMMIT, body)
+
+
+def encode_truncate_message(
+    tables: list[tuple[str, str]], cascade: bool, restart_identity: bool
+) -> bytes:
+    parts = [field_bytes(1, field_string(1, s) + field_string(2, t)) for s, t in tables]
+    body = b"".join(parts) + field_bool(2, cascade) + field_bool(3, restart_identity)
+    return field_bytes(MESSAGE_TRUNCATE, body)
