@@ -27,6 +27,7 @@ async def _start_tail(dsn: str, slot: str) -> asyncio.subprocess.Process:
         sys.executable, "-m", "pgcapture", "tail", "--dsn", dsn, "--slot", slot,
         "--status-interval", "0.1",
         stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
 
 
@@ -54,6 +55,18 @@ async def _read_lines(
             return lines
 
 
+async def _wait_for_active_slot(dsn: str, slot: str) -> None:
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        for _ in range(300):
+            cur = await conn.execute(
+                "SELECT 1 FROM pg_replication_slots WHERE slot_name = %s AND active", (slot,)
+            )
+            if await cur.fetchone():
+                return
+            await asyncio.sleep(0.05)
+    raise AssertionError(f"slot {slot} did not become active")
+
+
 async def _slot_lsn(dsn: str, slot: str) -> LSN:
     async with await psycopg.AsyncConnection.connect(dsn) as conn:
         cur = await conn.execute(
@@ -78,7 +91,7 @@ async def test_kill_9_after_confirming_loses_nothing(dsn: str, slot_name: str) -
                 if i % 20 == 0:
                     await asyncio.sleep(0.01)
 
-    await asyncio.sleep(1.0)  # let tail create its slot before the workload starts
+    await _wait_for_active_slot(dsn, slot_name)
     writer = asyncio.create_task(write())
     kill_after = random.randint(40, 200)
     first_lines = await _read_lines(first, until=kill_after)
@@ -99,15 +112,18 @@ async def test_kill_9_after_confirming_loses_nothing(dsn: str, slot_name: str) -
     # Whatever the slot confirmed was printed: nothing after the last printed commit.
     assert confirmed <= max(printed_commits)
 
+    # A row written after the kill: the second run has something new to print in any case.
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        await conn.execute("INSERT INTO seqs VALUES (%s)", (total + 1,))
     second = await _start_tail(dsn, slot_name)
-    second_lines = await _read_lines(second, until=total)
+    second_lines = await _read_lines(second, until=total + 1)
     second.send_signal(signal.SIGTERM)
     assert await asyncio.wait_for(second.wait(), 15) == 0
 
     ids_first, ids_second = _ids(first_lines), _ids(second_lines)
     assert len(ids_first) == len(set(ids_first))
     assert len(ids_second) == len(set(ids_second))
-    assert sorted(set(ids_first) | set(ids_second)) == list(range(1, total + 1))
+    assert sorted(set(ids_first) | set(ids_second)) == list(range(1, total + 2))
     assert ids_second[0] <= ids_first[-1] + 1  # no gap between the runs
 
 
@@ -138,15 +154,22 @@ async def test_fast_shutdown_of_the_source_completes_while_connected() -> None:
     with LocalPostgres.create() as cluster:
         reader = SlotReader(cluster.dsn(), "shutdown", status_interval=1.0)
         await reader.open()
-        reading = asyncio.create_task(reader.read())
+
+        async def consume() -> None:  # as tail does: confirm each transaction once handled
+            while True:
+                for record in await reader.read():
+                    if record.is_commit:
+                        reader.confirm(record.end_lsn)
+
+        consuming = asyncio.create_task(consume())
         with psycopg.connect(cluster.dsn(), autocommit=True) as conn:
             conn.execute("CREATE TABLE t (id int PRIMARY KEY)")
+            conn.execute("INSERT INTO t SELECT generate_series(1, 1000)")
+        await asyncio.sleep(0.5)
         started = time.monotonic()
         await asyncio.to_thread(cluster.stop, "fast")
         elapsed = time.monotonic() - started
         assert elapsed < 10, f"fast shutdown took {elapsed:.1f}s"
-        with contextlib.suppress(ConnectionLost):
-            while True:
-                await asyncio.wait_for(reading, 10)
-                reading = asyncio.create_task(reader.read())
+        with pytest.raises(ConnectionLost):
+            await asyncio.wait_for(consuming, 10)
         await reader.close()

@@ -6,10 +6,10 @@ import os
 
 import psycopg
 import pytest
+from slot_helpers import Captured, collect, fields, user_changes
 
 from pgcapture.capture.reader import SlotReader
 from pgcapture.proto import pb
-from tests.integration.conftest import Captured, collect, fields, user_changes
 
 pytestmark = pytest.mark.integration
 

@@ -6,10 +6,10 @@ from pgcapture.capture.setup import server_problem
 
 
 def test_old_server_names_the_minimum_version() -> None:
-    problem = server_problem(110022, "11.22", "logical")
+    problem = server_problem(130016, "13.16", "logical")
     assert problem is not None
-    assert "11.22 is not supported" in problem
-    assert "12 or newer" in problem
+    assert "13.16 is not supported" in problem
+    assert "14 or newer" in problem
 
 
 def test_wal_level_problem_names_the_fix() -> None:
@@ -21,4 +21,4 @@ def test_wal_level_problem_names_the_fix() -> None:
 
 
 def test_supported_server_has_no_problem() -> None:
-    assert server_problem(120000, "12.0", "logical") is None
+    assert server_problem(140000, "14.0", "logical") is None

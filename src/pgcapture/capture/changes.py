@@ -287,7 +287,9 @@ def _fast_tuple(
     return b"".join(parts) if off == size else None
 
 
-def _entry_head(entry_tag: bytes, prefix: bytes, kind: int, n: int, heads: dict[int, bytes]) -> bytes:
+def _entry_head(
+    entry_tag: bytes, prefix: bytes, kind: int, n: int, heads: dict[int, bytes]
+) -> bytes:
     """Everything of one ``Change.new``/``old`` entry before a value of ``n`` bytes, cached
     per column by length (negative keys for text values)."""
     value_head = (_TAG_BINARY if kind == 98 else _TAG_TEXT) + wire.varint(n)

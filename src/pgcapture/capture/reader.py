@@ -57,12 +57,13 @@ class SlotReader:
             else:
                 assert info.slot_lsn is not None
                 self.start_lsn = info.slot_lsn
+            # Binary values wherever the type has a binary send function; the server falls
+            # back to text per column otherwise (contract 3).
             options = {
                 "proto_version": str(PROTOCOL_VERSION),
                 "publication_names": self.publication,
+                "binary": "true",
             }
-            if info.binary:
-                options["binary"] = "true"
             await stream.start(self.slot, self.start_lsn, options)
         except BaseException:
             await stream.close()

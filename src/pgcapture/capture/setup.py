@@ -22,8 +22,7 @@ from pgcapture.capture.ddl import install_ddl_capture
 from pgcapture.errors import ConfigError, PermissionDenied, SlotInUse, UnsupportedServer
 from pgcapture.lsn import LSN
 
-MIN_SERVER_VERSION: Final = 120000
-BINARY_SERVER_VERSION: Final = 140000
+MIN_SERVER_VERSION: Final = 140000  # binary values in pgoutput
 DDL_TABLE: Final = ("pgcapture", "ddl_logs")
 
 AsyncConn = psycopg.AsyncConnection[Any]
@@ -33,11 +32,6 @@ AsyncConn = psycopg.AsyncConnection[Any]
 class SourceInfo:
     server_version: int
     slot_lsn: LSN | None  # confirmed_flush_lsn of an existing slot
-
-    @property
-    def binary(self) -> bool:
-        """pgoutput sends binary values from PostgreSQL 14 on."""
-        return self.server_version >= BINARY_SERVER_VERSION
 
 
 async def _scalar(conn: AsyncConn, query: str, *params: object) -> Any:
@@ -50,8 +44,8 @@ def server_problem(version_num: int, version: str, wal_level: str) -> str | None
     """Why this server cannot be captured from, or None."""
     if version_num < MIN_SERVER_VERSION:
         return (
-            f"PostgreSQL {version} is not supported; pgcapture needs PostgreSQL 12 or newer "
-            "(14 or newer for binary values)"
+            f"PostgreSQL {version} is not supported; pgcapture needs PostgreSQL 14 or newer "
+            "(for binary values in logical replication)"
         )
     if wal_level != "logical":
         return (

@@ -1,0 +1,1111 @@
+-- pgcapture DDL capture in plain SQL and PL/pgSQL (no C extension), see docs/ddl.md.
+--
+-- Event triggers write one row per DDL statement into pgcapture.ddl_logs in the DDL's own
+-- transaction, so the row travels through logical replication in order with the data changes
+-- around it. The table has the shape of the Go pgcapture extension's; `query` is the text of
+-- that one statement, for a replica to run as it is.
+--
+-- String literals here never hold a backslash outside E'' strings: function bodies are parsed
+-- with the calling session's standard_conforming_strings, which may be off.
+--
+-- Safe to run again: functions are replaced, the event triggers are dropped first and created
+-- last (so this script's own statements are never logged), the log table and rows are kept.
+
+DROP EVENT TRIGGER IF EXISTS pgcapture_ddl_command_start;
+DROP EVENT TRIGGER IF EXISTS pgcapture_sql_drop;
+DROP EVENT TRIGGER IF EXISTS pgcapture_ddl_command_end;
+
+CREATE SCHEMA IF NOT EXISTS pgcapture;
+
+CREATE TABLE IF NOT EXISTS pgcapture.ddl_logs (
+    id serial PRIMARY KEY,
+    query text,
+    tags text[],
+    activity jsonb
+);
+
+-- Key signing the triggers' per-session state (a custom setting, which any user can set): only
+-- the owner can read it, so user code cannot forge state that would change what is logged.
+CREATE TABLE IF NOT EXISTS pgcapture.ddl_state_key (k bytea NOT NULL);
+REVOKE ALL ON pgcapture.ddl_state_key FROM PUBLIC;
+INSERT INTO pgcapture.ddl_state_key (k)
+SELECT sha256(convert_to(gen_random_uuid()::text || gen_random_uuid()::text, 'UTF8'))
+WHERE NOT EXISTS (SELECT FROM pgcapture.ddl_state_key);
+
+-- Per-session register holding which statement of the client's query string runs now. A
+-- sequence's session value (currval, set by setval) survives ROLLBACK, unlike settings and
+-- rows, and statements rolled back inside a multi-statement string have still been run.
+-- Unlogged where the server allows it (PostgreSQL 15+): it is per-session scratch space.
+DO $do$
+BEGIN
+    IF current_setting('server_version_num')::int >= 150000 THEN
+        CREATE UNLOGGED SEQUENCE IF NOT EXISTS pgcapture.ddl_statement_cursor;
+    ELSE
+        CREATE SEQUENCE IF NOT EXISTS pgcapture.ddl_statement_cursor;
+    END IF;
+END
+$do$;
+
+-- ---------------------------------------------------------------------------------------------
+-- Statements: splitting query strings the way the server's scanner and parser do, and telling
+-- from its leading keywords whether a statement fires event triggers.
+
+-- One row per token of `sql`: kind is word (unquoted identifier or keyword; `word` is its
+-- lower-case text), ident (double-quoted identifier; `word` is its unescaped name), string,
+-- dollar, comment, param, number, op (one punctuation or operator character, in `word`) or
+-- error (an unterminated string, identifier, comment or dollar quote running to the end).
+-- first/last are 1-based character positions. Whitespace is not reported. The string is
+-- scanned as an array of characters (text positions are not O(1) in multibyte encodings), in
+-- one loop for speed on long migration scripts.
+CREATE OR REPLACE FUNCTION pgcapture.lex(sql text)
+RETURNS TABLE (kind text, first int, last int, word text)
+LANGUAGE plpgsql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    c text[] := string_to_array(sql, NULL);
+    n int := coalesce(array_length(c, 1), 0);
+    i int := 1;
+    ch text;
+    cp int;
+    depth int;
+    delim text;
+    p int;
+    -- with standard_conforming_strings off, '...' strings treat backslash as an escape
+    bs boolean := current_setting('standard_conforming_strings') = 'off';
+    quoted boolean;
+BEGIN
+    WHILE i <= n LOOP
+        ch := c[i];
+        IF ch IN (' ', E'\t', E'\n', E'\r', E'\f', E'\x0B') THEN
+            i := i + 1;
+            CONTINUE;
+        END IF;
+        first := i;
+        word := NULL;
+        kind := NULL;
+        cp := ascii(ch);
+        quoted := false;
+        IF ch = '-' AND c[i + 1] = '-' THEN
+            kind := 'comment';
+            WHILE i <= n AND c[i] NOT IN (E'\n', E'\r') LOOP
+                i := i + 1;
+            END LOOP;
+        ELSIF ch = '/' AND c[i + 1] = '*' THEN
+            -- block comments nest, as in PostgreSQL's scanner
+            kind := 'error';
+            depth := 1;
+            i := i + 2;
+            WHILE i <= n LOOP
+                IF c[i] = '/' AND c[i + 1] = '*' THEN
+                    depth := depth + 1;
+                    i := i + 2;
+                ELSIF c[i] = '*' AND c[i + 1] = '/' THEN
+                    depth := depth - 1;
+                    i := i + 2;
+                    IF depth = 0 THEN
+                        kind := 'comment';
+                        EXIT;
+                    END IF;
+                ELSE
+                    i := i + 1;
+                END IF;
+            END LOOP;
+        ELSIF ch = '''' OR (c[i + 1] = '''' AND ch IN ('e', 'E', 'b', 'B', 'x', 'X', 'n', 'N'))
+              OR (ch IN ('u', 'U') AND c[i + 1] = '&' AND c[i + 2] = '''') THEN
+            -- E'' always takes backslash escapes, B'' X'' U&'' never, '' and N'' when
+            -- standard_conforming_strings is off; '' inside is a quote in all of them
+            quoted := ch IN ('e', 'E') OR (bs AND ch IN ('''', 'n', 'N'));
+            i := i + CASE WHEN ch = '''' THEN 1 WHEN ch IN ('u', 'U') THEN 3 ELSE 2 END;
+            kind := 'error';
+            WHILE i <= n LOOP
+                IF quoted AND c[i] = E'\\' THEN
+                    i := i + 2;
+                ELSIF c[i] = '''' THEN
+                    i := i + 1;
+                    IF c[i] IS DISTINCT FROM '''' THEN
+                        kind := 'string';
+                        EXIT;
+                    END IF;
+                    i := i + 1;
+                ELSE
+                    i := i + 1;
+                END IF;
+            END LOOP;
+        ELSIF ch = '"' OR (ch IN ('u', 'U') AND c[i + 1] = '&' AND c[i + 2] = '"') THEN
+            i := i + CASE WHEN ch = '"' THEN 1 ELSE 3 END;
+            kind := 'error';
+            WHILE i <= n LOOP
+                IF c[i] = '"' THEN
+                    i := i + 1;
+                    IF c[i] IS DISTINCT FROM '"' THEN
+                        kind := 'ident';
+                        EXIT;
+                    END IF;
+                END IF;
+                word := coalesce(word, '') || c[i];
+                i := i + 1;
+            END LOOP;
+        ELSIF ch = '$' THEN
+            -- $tag$ opens a dollar quote closed by the first later $tag$; $1 is a parameter
+            p := i + 1;
+            delim := '$';
+            WHILE p <= n AND (ascii(c[p]) >= 128 OR c[p] ~ '[A-Za-z0-9_]') LOOP
+                delim := delim || c[p];
+                p := p + 1;
+            END LOOP;
+            IF c[p] = '$' AND (p = i + 1 OR c[i + 1] !~ '[0-9]') THEN
+                delim := delim || '$';
+                depth := strpos(substr(sql, p + 1), delim);
+                IF depth = 0 THEN
+                    kind := 'error';
+                    i := n + 1;
+                ELSE
+                    kind := 'dollar';
+                    i := p + depth + length(delim);
+                END IF;
+            ELSIF c[i + 1] ~ '[0-9]' THEN
+                kind := 'param';
+                i := i + 1;
+                WHILE i <= n AND c[i] ~ '[0-9]' LOOP
+                    i := i + 1;
+                END LOOP;
+            ELSE
+                kind := 'op';
+                word := '$';
+                i := i + 1;
+            END IF;
+        ELSIF cp >= 128 OR cp = 95 OR (cp BETWEEN 65 AND 90) OR (cp BETWEEN 97 AND 122) THEN
+            kind := 'word';
+            word := ch;
+            i := i + 1;
+            WHILE i <= n LOOP
+                cp := ascii(c[i]);
+                EXIT WHEN NOT (cp >= 128 OR cp = 95 OR cp = 36 OR (cp BETWEEN 48 AND 57)
+                               OR (cp BETWEEN 65 AND 90) OR (cp BETWEEN 97 AND 122));
+                word := word || c[i];
+                i := i + 1;
+            END LOOP;
+            word := lower(word COLLATE "C");  -- ASCII only, like the scanner
+        ELSIF cp BETWEEN 48 AND 57 THEN
+            kind := 'number';
+            WHILE i <= n AND ascii(c[i]) BETWEEN 48 AND 57 LOOP
+                i := i + 1;
+            END LOOP;
+        ELSE
+            kind := 'op';
+            word := ch;
+            i := i + 1;
+        END IF;
+        IF kind = 'error' THEN
+            i := n + 1;
+        END IF;
+        last := least(i, n + 1) - 1;
+        RETURN NEXT;
+    END LOOP;
+END
+$fn$;
+
+-- The statements of a query string as (first, last) character positions, like the server's
+-- raw parser: a statement starts at its first token (comments before it belong to no
+-- statement) and runs to the character before its terminating semicolon or the end of the
+-- string, without trailing whitespace. Semicolons inside BEGIN ATOMIC ... END bodies of
+-- CREATE FUNCTION/PROCEDURE do not end the statement; CASE ... END nests inside such bodies.
+CREATE OR REPLACE FUNCTION pgcapture.statement_spans(sql text)
+RETURNS TABLE (first int, last int)
+LANGUAGE plpgsql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    t record;
+    lead text[] := '{}';      -- the statement's first four tokens
+    atomic int := 0;           -- depth of BEGIN ATOMIC / CASE ... END
+    prev text;                 -- the previous token when it was a word
+BEGIN
+    first := NULL;
+    FOR t IN SELECT * FROM pgcapture.lex(sql) LOOP
+        IF t.kind = 'op' AND t.word = ';' AND atomic = 0 THEN
+            IF first IS NOT NULL THEN
+                last := t.first - 1;
+                RETURN NEXT;
+            END IF;
+            first := NULL; lead := '{}'; prev := NULL;
+            CONTINUE;
+        END IF;
+        CONTINUE WHEN t.kind = 'comment';
+        first := coalesce(first, t.first);
+        IF cardinality(lead) < 4 THEN
+            lead := lead || coalesce(t.word, t.kind);
+        END IF;
+        IF t.kind = 'word' AND atomic > 0 THEN
+            atomic := atomic + CASE t.word WHEN 'case' THEN 1 WHEN 'end' THEN -1 ELSE 0 END;
+        ELSIF t.kind = 'word' AND t.word = 'atomic' AND prev = 'begin'
+              AND lead[1] = 'create' AND (lead[2] IN ('function', 'procedure')
+                  OR (lead[2:3] = '{or,replace}' AND lead[4] IN ('function', 'procedure'))) THEN
+            atomic := 1;
+        END IF;
+        prev := CASE WHEN t.kind = 'word' THEN t.word END;
+    END LOOP;
+    IF first IS NOT NULL THEN
+        last := length(sql);
+        RETURN NEXT;
+    END IF;
+END
+$fn$;
+
+-- The statements of `sql` with their positions; `body` is the text without the semicolon and
+-- trailing whitespace. Pure-ASCII strings are cut as bytes, which avoids substr's walk from the
+-- start of the string for every statement of a long script.
+CREATE OR REPLACE FUNCTION pgcapture.statements(sql text)
+RETURNS TABLE (first int, last int, body text)
+LANGUAGE sql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    SELECT s.first, s.first + length(b.body) - 1, b.body
+    FROM pgcapture.statement_spans(sql) AS s,
+         (SELECT octet_length(sql) = length(sql) AS ascii, convert_to(sql, 'UTF8') AS bytes) AS a,
+         LATERAL (SELECT rtrim(CASE WHEN a.ascii
+                                   THEN convert_from(substring(a.bytes FROM s.first
+                                                               FOR s.last - s.first + 1), 'UTF8')
+                                   ELSE substr(sql, s.first, s.last - s.first + 1) END,
+                               E' \t\n\r\f\x0B') AS body) AS b
+    ORDER BY s.first
+$fn$;
+
+-- The statements of `sql`, trimmed and without their semicolons: for a valid query string, the
+-- statements the server's parser finds (pgcapture.capture.ddl.split_statements in Python).
+CREATE OR REPLACE FUNCTION pgcapture.split_statements(sql text)
+RETURNS text[]
+LANGUAGE sql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    SELECT coalesce(array_agg(s.body ORDER BY s.first), '{}') FROM pgcapture.statements(sql) AS s
+$fn$;
+
+-- The significant tokens of a statement, for keyword matching: words in lower case, quoted
+-- identifiers as '"' || name, operator characters as themselves, other tokens as <kind>; and
+-- the parenthesis depth of each.
+CREATE OR REPLACE FUNCTION pgcapture.statement_words(stmt text, OUT words text[], OUT depths int[])
+LANGUAGE plpgsql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    t record;
+    depth int := 0;
+BEGIN
+    words := '{}';
+    depths := '{}';
+    FOR t IN SELECT * FROM pgcapture.lex(stmt) AS l WHERE l.kind <> 'comment' LOOP
+        IF t.kind = 'op' AND t.word = ')' THEN
+            depth := depth - 1;
+        END IF;
+        words := words || CASE t.kind WHEN 'word' THEN t.word WHEN 'op' THEN t.word
+                                      WHEN 'ident' THEN '"' || t.word
+                                      ELSE '<' || t.kind || '>' END;
+        depths := depths || depth;
+        IF t.kind = 'op' AND t.word = '(' THEN
+            depth := depth + 1;
+        END IF;
+    END LOOP;
+END
+$fn$;
+
+-- Position in `words` of the INTO of a SELECT ... INTO (outside parentheses, in the main
+-- SELECT, after any WITH list), or NULL.
+CREATE OR REPLACE FUNCTION pgcapture.select_into_at(words text[], depths int[])
+RETURNS int
+LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    main text;
+BEGIN
+    FOR i IN 1 .. coalesce(cardinality(words), 0) LOOP
+        CONTINUE WHEN depths[i] <> 0;
+        IF main IS NULL AND words[i] IN ('select', 'insert', 'update', 'delete', 'merge',
+                                         'values', 'table') THEN
+            main := words[i];
+        ELSIF main = 'select' AND words[i] = 'into' THEN
+            RETURN i;
+        END IF;
+        EXIT WHEN main <> 'select';
+    END LOOP;
+    RETURN NULL;
+END
+$fn$;
+
+-- The start of the command tag the server fires event triggers with for `stmt` ('CREATE TABLE'
+-- for CREATE [TEMP] TABLE and CREATE TABLE AS, 'GRANT', 'SELECT INTO', ...), or NULL when the
+-- statement fires none. PostgreSQL 15 fires them for DDL on objects that live in the database:
+-- not for databases, roles, tablespaces, parameters and event triggers (global objects or
+-- triggers themselves), ALTER SYSTEM, role grants, nor for utility commands that are not DDL
+-- (VACUUM, TRUNCATE, LOCK, EXPLAIN, EXECUTE, SET, ...). The integration tests check every rule
+-- against the server.
+CREATE OR REPLACE FUNCTION pgcapture.ddl_tag_prefix(stmt text)
+RETURNS text
+LANGUAGE plpgsql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    sw record := pgcapture.statement_words(stmt);
+    w text[] := sw.words;
+    i int := 2;
+    global_objects text[] := '{database,role,group,tablespace,event,system,parameter}';
+BEGIN
+    CASE w[1]
+    WHEN 'create', 'alter', 'drop' THEN
+        -- modifiers between the verb and the object type, as in CREATE OR REPLACE TRUSTED
+        -- PROCEDURAL LANGUAGE or CREATE UNIQUE INDEX
+        WHILE w[i] = 'procedural' OR (w[1] = 'create' AND w[i] IN (
+                'or', 'replace', 'global', 'local', 'temp', 'temporary', 'unlogged', 'unique',
+                'trusted', 'default', 'constraint', 'recursive')) LOOP
+            i := i + 1;
+        END LOOP;
+        IF w[i] = ANY (global_objects)
+           OR (w[i] = 'user' AND w[i + 1] IS DISTINCT FROM 'mapping') THEN
+            RETURN NULL;
+        END IF;
+        RETURN upper((w[1] || ' ' || w[i]) COLLATE "C");
+    WHEN 'comment', 'security' THEN
+        -- COMMENT ON <type> ..., SECURITY LABEL [FOR provider] ON <type> ...
+        i := array_position(w, 'on');
+        RETURN CASE WHEN w[i + 1] = ANY (global_objects) THEN NULL
+                    WHEN w[1] = 'comment' THEN 'COMMENT' ELSE 'SECURITY LABEL' END;
+    WHEN 'grant', 'revoke' THEN
+        -- privileges ON objects fire; role grants (no ON before TO/FROM) do not
+        FOR i IN 2 .. cardinality(w) LOOP
+            CONTINUE WHEN sw.depths[i] <> 0 OR w[i] NOT IN ('on', 'to', 'from');
+            RETURN CASE WHEN w[i] = 'on' AND NOT w[i + 1] = ANY (global_objects)
+                        THEN upper(w[1] COLLATE "C") END;
+        END LOOP;
+        RETURN NULL;
+    WHEN 'import' THEN
+        RETURN 'IMPORT FOREIGN';
+    WHEN 'refresh' THEN
+        RETURN 'REFRESH MATERIALIZED';
+    WHEN 'select', 'with' THEN
+        RETURN CASE WHEN pgcapture.select_into_at(sw.words, sw.depths) IS NOT NULL
+                    THEN 'SELECT INTO' END;
+    ELSE
+        RETURN NULL;
+    END CASE;
+END
+$fn$;
+
+-- Whether the server fires event triggers for the statement `stmt` (see ddl_tag_prefix).
+CREATE OR REPLACE FUNCTION pgcapture.fires_ddl_trigger(stmt text)
+RETURNS boolean
+LANGUAGE sql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    SELECT pgcapture.ddl_tag_prefix(stmt) IS NOT NULL
+$fn$;
+
+-- Whether a statement starting with tag prefix `prefix` is one the server reports as `tag`.
+CREATE OR REPLACE FUNCTION pgcapture.tag_matches(prefix text, tag text)
+RETURNS boolean
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    SELECT coalesce(tag = prefix OR starts_with(tag, prefix || ' '), false)
+$fn$;
+
+-- Whether the statement creates or alters a temporary relation, judged from its text: CREATE
+-- TEMP/TEMPORARY ..., SELECT ... INTO TEMP ..., a target qualified with pg_temp, or an
+-- unqualified table, view or sequence created while `temp_first` (the creation schema is the
+-- session's temporary schema, search_path starting with pg_temp).
+CREATE OR REPLACE FUNCTION pgcapture.names_temp_relation(stmt text, temp_first boolean)
+RETURNS boolean
+LANGUAGE plpgsql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    sw record := pgcapture.statement_words(stmt);
+    w text[] := sw.words;
+    verb text := coalesce(sw.words[1], '');
+    i int := 2;
+    kind text;
+BEGIN
+    IF verb IN ('select', 'with') THEN
+        i := pgcapture.select_into_at(sw.words, sw.depths) + 1;
+        kind := 'table';
+    ELSIF verb NOT IN ('create', 'alter') THEN
+        RETURN false;
+    END IF;
+    IF i IS NULL THEN
+        RETURN false;  -- a SELECT without INTO
+    END IF;
+    -- CREATE [OR REPLACE] [GLOBAL | LOCAL] [TEMP | TEMPORARY | UNLOGGED] [RECURSIVE] <type>,
+    -- INTO [GLOBAL | LOCAL] [TEMP | TEMPORARY | UNLOGGED] [TABLE]
+    WHILE verb <> 'alter' AND w[i] IN ('or', 'replace', 'global', 'local', 'temp', 'temporary',
+                                        'unlogged', 'recursive') LOOP
+        IF w[i] IN ('temp', 'temporary') THEN
+            RETURN true;
+        END IF;
+        i := i + 1;
+    END LOOP;
+    IF verb IN ('create', 'alter') THEN
+        kind := w[i];
+        i := i + CASE WHEN kind IN ('materialized', 'foreign') THEN 2 ELSE 1 END;
+    ELSIF w[i] = 'table' THEN
+        i := i + 1;
+    END IF;
+    WHILE w[i] IN ('if', 'not', 'exists', 'only') LOOP
+        i := i + 1;
+    END LOOP;
+    IF w[i + 1] = '.' THEN
+        RETURN ltrim(w[i], '"') ~ '^pg_temp(_[0-9]+)?$';
+    END IF;
+    RETURN coalesce(verb <> 'alter' AND kind IN ('table', 'view', 'sequence') AND temp_first,
+                    false);
+END
+$fn$;
+
+-- Whether unqualified CREATE TABLE/VIEW/SEQUENCE would create a temporary relation with the
+-- search path `path`: the first entry naming pg_temp or an existing schema is pg_temp.
+CREATE OR REPLACE FUNCTION pgcapture.creates_in_temp_schema(path text)
+RETURNS boolean
+LANGUAGE sql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    SELECT coalesce((
+        SELECT e.name = 'pg_temp'
+        FROM regexp_split_to_table(path, ',') WITH ORDINALITY AS p(entry, n),
+             LATERAL (SELECT btrim(p.entry) AS item) AS t,
+             LATERAL (SELECT CASE WHEN t.item ~ '^".*"$'
+                                  THEN replace(substr(t.item, 2, length(t.item) - 2), '""', '"')
+                                  ELSE lower(t.item COLLATE "C") END AS raw) AS r,
+             LATERAL (SELECT CASE WHEN r.raw = '$user' THEN session_user::text
+                                  WHEN r.raw ~ '^pg_temp(_[0-9]+)?$' THEN 'pg_temp'
+                                  ELSE r.raw END AS name) AS e
+        WHERE e.name = 'pg_temp' OR EXISTS (SELECT FROM pg_namespace WHERE nspname = e.name)
+        ORDER BY p.n
+        LIMIT 1), false)
+$fn$;
+
+-- Whether the lexer finds an unterminated token in `sql`.
+CREATE OR REPLACE FUNCTION pgcapture.lexes_unterminated(sql text)
+RETURNS boolean
+LANGUAGE sql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    SELECT EXISTS (SELECT FROM pgcapture.lex(sql) AS l WHERE l.kind = 'error')
+$fn$;
+
+-- How the DDL was reached, from the PG_CONTEXT of an event trigger function: the innermost
+-- frame below the function's own (first) line. kind is 'top' (no frame: a statement of the
+-- client's query string), 'statement' (`SQL statement "<body>"`, added by SPI: PL/pgSQL and
+-- other languages, DO blocks, EXECUTE, and commands like REFRESH MATERIALIZED VIEW
+-- CONCURRENTLY), 'sqlfunction' (`SQL function "<fname>" statement <stmt_no>`) or 'unknown'.
+-- The statement text is not escaped, so its end is the first `"` + newline followed by a frame
+-- header where the text before it lexes completely, or the end of the context; `clean` is
+-- false when neither holds.
+CREATE OR REPLACE FUNCTION pgcapture.innermost_frame(
+    ctx text, OUT kind text, OUT body text, OUT fname text, OUT stmt_no int, OUT clean boolean)
+LANGUAGE plpgsql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    rest text := substr(ctx, strpos(ctx, E'\n') + 1);
+    s text;
+    k int;
+    at int := 0;
+    m text[];
+BEGIN
+    clean := true;
+    IF strpos(ctx, E'\n') = 0 OR rest = '' THEN
+        kind := 'top';
+    ELSIF starts_with(rest, 'SQL statement "') THEN
+        kind := 'statement';
+        s := substr(rest, 16);
+        LOOP
+            k := strpos(substr(s, at + 1), E'"\n');
+            EXIT WHEN k = 0;
+            at := at + k;
+            IF substr(s, at + 2) ~ '^(PL/pgSQL function |SQL (statement|function) "|PL/[A-Za-z]+ )'
+               AND NOT pgcapture.lexes_unterminated(left(s, at - 1)) THEN
+                body := left(s, at - 1);
+                RETURN;
+            END IF;
+        END LOOP;
+        clean := right(s, 1) = '"' AND NOT pgcapture.lexes_unterminated(left(s, -1));
+        body := CASE WHEN right(s, 1) = '"' THEN left(s, -1) ELSE s END;
+    ELSE
+        m := regexp_match(rest, E'^SQL function "(.*?)" statement ([0-9]+)(\n|$)');
+        kind := CASE WHEN m IS NULL THEN 'unknown' ELSE 'sqlfunction' END;
+        fname := m[1];
+        stmt_no := m[2]::int;
+        body := split_part(rest, E'\n', 1);
+    END IF;
+END
+$fn$;
+
+-- ---------------------------------------------------------------------------------------------
+-- Trigger state. A DDL statement fires ddl_command_start, maybe sql_drop, then
+-- ddl_command_end; statements run inside it (an extension's script, the temporary tables of
+-- REFRESH MATERIALIZED VIEW CONCURRENTLY, DDL in functions it calls) fire theirs in between.
+-- The state is a stack of the statements whose start fired and end has not ("open"), caches
+-- for the current client message, and cursors into multi-statement texts run by EXECUTE. It is
+-- a session setting, so it survives COMMIT inside a multi-statement string and is undone with
+-- the (sub)transaction of a failing statement, and it is signed (see ddl_state_key).
+
+-- Identifies the client message being executed: backend, statement_timestamp() (the same for
+-- all statements of one query string) and the query string's md5.
+CREATE OR REPLACE FUNCTION pgcapture.message_key()
+RETURNS text
+LANGUAGE sql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    SELECT format('%s:%s:%s', pg_backend_pid(),
+                  (extract(epoch FROM statement_timestamp()) * 1000000)::bigint,
+                  md5(coalesce(current_query(), '')))
+$fn$;
+
+CREATE OR REPLACE FUNCTION pgcapture.state_sign(payload text)
+RETURNS text
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    SELECT encode(sha256(k || sha256(k || convert_to(payload, 'UTF8'))), 'hex')
+    FROM pgcapture.ddl_state_key
+    LIMIT 1
+$fn$;
+
+-- The state for the current message; a fresh one when the stored state belongs to another
+-- message or its signature does not verify.
+CREATE OR REPLACE FUNCTION pgcapture.state_load()
+RETURNS jsonb
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    v text := current_setting('pgcapture.ddl_state', true);
+    msg text := pgcapture.message_key();
+    st jsonb;
+BEGIN
+    IF length(v) > 64 AND left(v, 64) = pgcapture.state_sign(substr(v, 65)) THEN
+        st := substr(v, 65)::jsonb;
+        IF st ->> 'msg' = msg THEN
+            RETURN st;
+        END IF;
+    END IF;
+    RETURN jsonb_build_object('msg', msg, 'open', '[]'::jsonb, 'nested', '{}'::jsonb);
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION pgcapture.state_save(st jsonb)
+RETURNS void
+LANGUAGE sql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    SELECT set_config('pgcapture.ddl_state', pgcapture.state_sign(st::text) || st::text, false);
+$fn$;
+
+-- Index (0-based, among the statements of the query string) of the statement of message `msg`
+-- that fired last, or -1. The register holds a 31-bit hash of the message and the index.
+CREATE OR REPLACE FUNCTION pgcapture.top_cursor(msg text)
+RETURNS int
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    v bigint;
+BEGIN
+    BEGIN
+        v := currval('pgcapture.ddl_statement_cursor');
+    EXCEPTION WHEN object_not_in_prerequisite_state THEN
+        RETURN -1;  -- never set in this session
+    END;
+    IF v >> 32 = hashtextextended(msg, 0) & 2147483647 THEN
+        RETURN (v & 4294967295)::int - 1;
+    END IF;
+    RETURN -1;
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION pgcapture.top_cursor_set(msg text, pos int)
+RETURNS void
+LANGUAGE sql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    SELECT setval('pgcapture.ddl_statement_cursor',
+                  ((hashtextextended(msg, 0) & 2147483647) << 32) | (pos + 1), true);
+$fn$;
+
+-- ---------------------------------------------------------------------------------------------
+-- Finding the statement. An entry describes one firing statement: tag, source (top,
+-- statement, sqlfunction, internal, unknown), query (the text to log), exact, reason.
+
+CREATE OR REPLACE FUNCTION pgcapture.entry(
+    tag text, source text, query text, exact boolean, reason text DEFAULT NULL)
+RETURNS jsonb
+LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    SELECT jsonb_strip_nulls(jsonb_build_object(
+        'tag', tag, 'source', source, 'query', query, 'exact', exact, 'reason', reason))
+$fn$;
+
+-- A statement of the client's query string: the first one after the last that fired which
+-- fires event triggers. The statements' positions and tag prefixes are cached in the state.
+CREATE OR REPLACE FUNCTION pgcapture.resolve_top(INOUT st jsonb, tag text, OUT e jsonb)
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    src text := coalesce(current_query(), '');
+    pos int := pgcapture.top_cursor(st ->> 'msg');
+    nxt jsonb;
+    hit jsonb;
+BEGIN
+    IF st -> 'top' IS NULL THEN
+        st := st || jsonb_build_object('top', (
+            SELECT coalesce(jsonb_agg(jsonb_build_array(x.n - 1, x.first, x.last, x.prefix)
+                                      ORDER BY x.n) FILTER (WHERE x.prefix IS NOT NULL), '[]')
+            FROM (SELECT row_number() OVER (ORDER BY s.first) AS n, s.first, s.last,
+                         pgcapture.ddl_tag_prefix(s.body) AS prefix
+                  FROM pgcapture.statements(src) AS s) AS x));
+    END IF;
+    SELECT x INTO nxt FROM jsonb_array_elements(st -> 'top') AS x
+    WHERE (x ->> 0)::int > pos ORDER BY (x ->> 0)::int LIMIT 1;
+    SELECT x INTO hit FROM jsonb_array_elements(st -> 'top') AS x
+    WHERE (x ->> 0)::int > pos AND pgcapture.tag_matches(x ->> 3, tag)
+    ORDER BY (x ->> 0)::int LIMIT 1;
+    IF hit IS NOT NULL THEN
+        PERFORM pgcapture.top_cursor_set(st ->> 'msg', (hit ->> 0)::int);
+    END IF;
+    IF nxt IS NULL THEN
+        e := pgcapture.entry(tag, 'top', src, false,
+                             'no statement left in the query string fires event triggers');
+    ELSIF nxt = hit THEN
+        e := pgcapture.entry(tag, 'top', substr(src, (nxt ->> 1)::int,
+                                                (nxt ->> 2)::int - (nxt ->> 1)::int + 1), true);
+    ELSE
+        e := pgcapture.entry(tag, 'top', src, false, format(
+            'the next statement of the query string that fires event triggers is %s, not %s',
+            nxt ->> 3, tag));
+    END IF;
+END
+$fn$;
+
+-- A statement of a text run through SPI (PL/pgSQL, EXECUTE, ...). When the text holds several
+-- statements that fire event triggers (EXECUTE 'a; b'), a cursor per text in the state picks
+-- the next one, starting over when the text is run again.
+CREATE OR REPLACE FUNCTION pgcapture.resolve_nested(
+    INOUT st jsonb, tag text, body text, source text, OUT e jsonb)
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    stmts jsonb;
+    key text := md5(body);
+    pick int := 0;
+BEGIN
+    SELECT coalesce(jsonb_agg(jsonb_build_array(x.body, x.prefix) ORDER BY x.first), '[]')
+    INTO stmts
+    FROM (SELECT s.first, s.body, pgcapture.ddl_tag_prefix(s.body) AS prefix
+          FROM pgcapture.statements(body) AS s) AS x
+    WHERE x.prefix IS NOT NULL;
+    IF jsonb_array_length(stmts) > 1 THEN
+        pick := coalesce((st -> 'nested' ->> key)::int + 1, 0);
+        pick := CASE WHEN pick < jsonb_array_length(stmts) THEN pick ELSE 0 END;
+        st := jsonb_set(st, ARRAY['nested', key], to_jsonb(pick));
+    END IF;
+    IF pgcapture.tag_matches(stmts -> pick ->> 1, tag) THEN
+        e := pgcapture.entry(tag, source, stmts -> pick ->> 0, true);
+    ELSE
+        e := pgcapture.entry(tag, source, body, false, format(
+            'no statement of the text matches %s', tag));
+    END IF;
+END
+$fn$;
+
+-- A statement of a LANGUAGE sql function: the context names the function (not its schema or
+-- arguments) and the statement's number in its body.
+CREATE OR REPLACE FUNCTION pgcapture.resolve_sql_function(tag text, fname text, stmt_no int)
+RETURNS jsonb
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    texts text[];
+BEGIN
+    SELECT array_agg(DISTINCT x.stmt) INTO texts
+    FROM (SELECT (pgcapture.split_statements(p.prosrc))[stmt_no] AS stmt
+          FROM pg_proc AS p JOIN pg_language AS l ON l.oid = p.prolang
+          WHERE l.lanname = 'sql' AND p.proname = fname AND p.prosqlbody IS NULL) AS x
+    WHERE pgcapture.tag_matches(pgcapture.ddl_tag_prefix(x.stmt), tag);
+    IF cardinality(texts) = 1 THEN
+        RETURN pgcapture.entry(tag, 'sqlfunction', texts[1], true);
+    END IF;
+    RETURN pgcapture.entry(tag, 'sqlfunction', coalesce(texts[1], current_query()), false,
+                           format('cannot tell which SQL function named %s ran the statement',
+                                  quote_ident(fname)));
+END
+$fn$;
+
+-- The entry for a firing statement, from the trigger function's PG_CONTEXT.
+CREATE OR REPLACE FUNCTION pgcapture.resolve(INOUT st jsonb, ctx text, tag text, OUT e jsonb)
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    f record := pgcapture.innermost_frame(ctx);
+BEGIN
+    IF f.kind = 'top' AND jsonb_array_length(st -> 'open') > 0 THEN
+        -- run by the C code of an enclosing command, not by a statement of the query string
+        e := pgcapture.entry(tag, 'internal', current_query(), false,
+                             format('run inside %s', st -> 'open' -> -1 ->> 'tag'));
+    ELSIF f.kind = 'top' THEN
+        SELECT r.st, r.e INTO st, e FROM pgcapture.resolve_top(st, tag) AS r;
+    ELSIF f.kind = 'statement' THEN
+        SELECT r.st, r.e INTO st, e FROM pgcapture.resolve_nested(st, tag, f.body, f.kind) AS r;
+        IF NOT f.clean THEN
+            e := e || jsonb_build_object('exact', false, 'reason',
+                                         'cannot delimit the statement in the call context');
+        END IF;
+    ELSIF f.kind = 'sqlfunction' THEN
+        e := pgcapture.resolve_sql_function(tag, f.fname, f.stmt_no);
+    ELSE
+        e := pgcapture.entry(tag, 'unknown', current_query(), false,
+                             format('unrecognised call context: %s', f.body));
+    END IF;
+END
+$fn$;
+
+-- ---------------------------------------------------------------------------------------------
+-- What to log.
+
+-- Whether a collected object is temporary: objects of relations (triggers, rules, policies,
+-- statistics) by their relation, relations by their persistence, others by their schema.
+CREATE OR REPLACE FUNCTION pgcapture.is_temp_object(classid oid, objid oid, schema_name text)
+RETURNS boolean
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    SELECT coalesce(
+        (SELECT c.relpersistence = 't' FROM pg_class AS c WHERE c.oid = CASE classid
+             WHEN 'pg_class'::regclass THEN objid
+             WHEN 'pg_trigger'::regclass THEN (SELECT tgrelid FROM pg_trigger WHERE oid = objid)
+             WHEN 'pg_rewrite'::regclass THEN (SELECT ev_class FROM pg_rewrite WHERE oid = objid)
+             WHEN 'pg_policy'::regclass THEN (SELECT polrelid FROM pg_policy WHERE oid = objid)
+             WHEN 'pg_statistic_ext'::regclass
+                 THEN (SELECT stxrelid FROM pg_statistic_ext WHERE oid = objid)
+             END),
+        schema_name ~ '^pg_(toast_)?temp(_[0-9]+)?$',
+        false)
+$fn$;
+
+-- The objects pg_event_trigger_ddl_commands() reports at ddl_command_end.
+CREATE OR REPLACE FUNCTION pgcapture.collected_objects()
+RETURNS jsonb
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    SELECT coalesce(jsonb_agg(jsonb_build_object(
+               'object_type', c.object_type, 'schema_name', c.schema_name,
+               'object_identity', c.object_identity, 'in_extension', c.in_extension,
+               'temporary', pgcapture.is_temp_object(c.classid, c.objid, c.schema_name))), '[]')
+    FROM pg_event_trigger_ddl_commands() AS c
+$fn$;
+
+-- A DROP's entry given what sql_drop saw ("dropped"): NULL when every object it named was
+-- temporary; rewritten to name only the others when it named both kinds (DROP OWNED is kept).
+CREATE OR REPLACE FUNCTION pgcapture.drop_decision(e jsonb, tag text)
+RETURNS jsonb
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    d jsonb := coalesce(e -> 'dropped', '[]');
+    temps int;
+    others text;
+    cascade boolean;
+BEGIN
+    SELECT count(*) FILTER (WHERE (x ->> 'is_temporary')::boolean),
+           string_agg(x ->> 'object_identity', ', ' ORDER BY n)
+               FILTER (WHERE NOT (x ->> 'is_temporary')::boolean)
+    INTO temps, others
+    FROM jsonb_array_elements(d) WITH ORDINALITY AS o(x, n)
+    WHERE (x ->> 'original')::boolean;
+    IF temps = 0 OR tag = 'DROP OWNED' THEN
+        RETURN e;
+    ELSIF others IS NULL THEN
+        RETURN NULL;
+    END IF;
+    -- dependent objects dropped by CASCADE that the replica must drop too
+    SELECT EXISTS (SELECT FROM jsonb_array_elements(d) AS x
+                   WHERE (x ->> 'normal')::boolean AND NOT (x ->> 'is_temporary')::boolean)
+    INTO cascade;
+    RETURN e || jsonb_build_object('rewritten', true, 'query', format(
+        'DROP %s IF EXISTS %s%s', substr(tag, 6), others, CASE WHEN cascade THEN ' CASCADE' END));
+END
+$fn$;
+
+-- The entry to log at ddl_command_end, or NULL when the statement only touched temporary
+-- objects or objects of an extension being created.
+CREATE OR REPLACE FUNCTION pgcapture.end_decision(e jsonb, tag text, objs jsonb, user_path text)
+RETURNS jsonb
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+BEGIN
+    IF jsonb_array_length(objs) > 0 AND NOT EXISTS (
+            SELECT FROM jsonb_array_elements(objs) AS o
+            WHERE NOT ((o ->> 'in_extension')::boolean OR (o ->> 'temporary')::boolean)) THEN
+        RETURN NULL;
+    ELSIF tag LIKE 'DROP %' THEN
+        RETURN pgcapture.drop_decision(e, tag);
+    ELSIF jsonb_array_length(objs) = 0 AND (e ->> 'exact')::boolean
+          AND pgcapture.names_temp_relation(e ->> 'query',
+                                            pgcapture.creates_in_temp_schema(user_path)) THEN
+        -- no objects reported (REFRESH MATERIALIZED VIEW hides those of its temporary tables,
+        -- IF NOT EXISTS found one): judge from the text
+        RETURN NULL;
+    END IF;
+    RETURN e;
+END
+$fn$;
+
+-- Inserts the log row. activity has the Go extension's fields (from pg_stat_activity) and ours.
+CREATE OR REPLACE FUNCTION pgcapture.write_log(e jsonb, phase text, objects jsonb)
+RETURNS void
+LANGUAGE sql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    INSERT INTO pgcapture.ddl_logs (query, tags, activity)
+    SELECT e ->> 'query', ARRAY[e ->> 'tag'], jsonb_build_object(
+               'datname', a.datname, 'usename', a.usename,
+               'application_name', a.application_name, 'client_addr', a.client_addr,
+               'backend_start', a.backend_start, 'xact_start', a.xact_start,
+               'top_level_query', current_query(), 'nested', e ->> 'source' <> 'top',
+               'exact', coalesce((e ->> 'exact')::boolean, false), 'phase', phase,
+               'objects', (SELECT coalesce(jsonb_agg(jsonb_build_object(
+                                  'object_type', o ->> 'object_type',
+                                  'schema_name', o ->> 'schema_name',
+                                  'object_identity', o ->> 'object_identity')), '[]')
+                           FROM jsonb_array_elements(objects) AS o))
+           || jsonb_strip_nulls(jsonb_build_object('reason', e -> 'reason',
+                                                   'rewritten', e -> 'rewritten'))
+    FROM (SELECT 1) AS one
+    LEFT JOIN pg_stat_activity AS a ON a.pid = pg_backend_pid();
+$fn$;
+
+-- ---------------------------------------------------------------------------------------------
+-- Handlers, called by the event trigger functions with the safe search_path set.
+
+-- Whether an enclosing open statement is running an extension's script.
+CREATE OR REPLACE FUNCTION pgcapture.in_extension_script(st jsonb)
+RETURNS boolean
+LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    SELECT EXISTS (SELECT FROM jsonb_array_elements(st -> 'open') AS x
+                   WHERE x ->> 'tag' IN ('CREATE EXTENSION', 'ALTER EXTENSION'))
+$fn$;
+
+-- CREATE TABLE AS and SELECT INTO are logged at ddl_command_start, so that the row precedes
+-- the new table's rows in the WAL; unless they create a temporary table. Those run inside
+-- another command are judged at ddl_command_end from the created table instead.
+CREATE OR REPLACE FUNCTION pgcapture.start_table_as(e jsonb, user_path text)
+RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+BEGIN
+    IF e ->> 'source' = 'internal' THEN
+        RETURN e;
+    ELSIF (e ->> 'exact')::boolean AND pgcapture.names_temp_relation(
+            e ->> 'query', pgcapture.creates_in_temp_schema(user_path)) THEN
+        RETURN e || '{"skip": "temporary"}';
+    END IF;
+    PERFORM pgcapture.write_log(e, 'start', '[]');
+    RETURN e || '{"logged": true}';
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION pgcapture.handle_start(ctx text, tag text, user_path text)
+RETURNS void
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    st jsonb := pgcapture.state_load();
+    e jsonb;
+BEGIN
+    IF pgcapture.in_extension_script(st) THEN
+        e := jsonb_build_object('tag', tag, 'skip', 'extension');
+    ELSE
+        SELECT r.st, r.e INTO st, e FROM pgcapture.resolve(st, ctx, tag) AS r;
+        IF tag IN ('CREATE TABLE AS', 'SELECT INTO') THEN
+            e := pgcapture.start_table_as(e, user_path);
+        END IF;
+    END IF;
+    PERFORM pgcapture.state_save(jsonb_set(st, '{open}', (st -> 'open') || jsonb_build_array(e)));
+END
+$fn$;
+
+-- sql_drop: remembers the dropped objects in the open statement's entry for ddl_command_end.
+CREATE OR REPLACE FUNCTION pgcapture.handle_sql_drop()
+RETURNS void
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    st jsonb := pgcapture.state_load();
+BEGIN
+    IF jsonb_array_length(st -> 'open') = 0 THEN
+        RETURN;
+    END IF;
+    PERFORM pgcapture.state_save(jsonb_set(st, '{open, -1, dropped}', (
+        SELECT coalesce(jsonb_agg(jsonb_build_object(
+                   'object_type', d.object_type, 'schema_name', d.schema_name,
+                   'object_identity', d.object_identity, 'original', d.original,
+                   'normal', d.normal, 'is_temporary', d.is_temporary)), '[]')
+        FROM pg_event_trigger_dropped_objects() AS d)));
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION pgcapture.handle_end(ctx text, tag text, user_path text)
+RETURNS void
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    st jsonb := pgcapture.state_load();
+    e jsonb := st -> 'open' -> -1;
+    objs jsonb;
+BEGIN
+    IF e ->> 'tag' IS DISTINCT FROM tag THEN
+        SELECT r.st, r.e INTO st, e FROM pgcapture.resolve(st, ctx, tag) AS r;
+        e := e || '{"exact": false, "reason": "no ddl_command_start was seen for the statement"}';
+    ELSE
+        st := st #- '{open, -1}';
+    END IF;
+    PERFORM pgcapture.state_save(st);
+    -- subscriptions are this server's replication settings, not schema, and their connection
+    -- strings may hold passwords
+    IF e ? 'skip' OR e ? 'logged' OR tag LIKE '% SUBSCRIPTION' THEN
+        RETURN;
+    END IF;
+    objs := pgcapture.collected_objects();
+    e := pgcapture.end_decision(e, tag, objs, user_path);
+    IF e IS NOT NULL THEN
+        PERFORM pgcapture.write_log(e, 'end', CASE WHEN tag LIKE 'DROP %'
+                                                   THEN coalesce(e -> 'dropped', '[]')
+                                                   ELSE objs END);
+    END IF;
+END
+$fn$;
+
+-- When a handler fails (a bug, a damaged install), the DDL must still succeed and must still be
+-- logged: log the whole query string with exact = false; warn when even that fails.
+CREATE OR REPLACE FUNCTION pgcapture.handle_failure(phase text, tag text, err text)
+RETURNS void
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    e jsonb := pgcapture.entry(tag, 'unknown', coalesce(current_query(), ''), false,
+                               format('the %s handler failed: %s', phase, err));
+    st jsonb;
+    top jsonb;
+BEGIN
+    st := pgcapture.state_load();
+    IF phase = 'start' THEN
+        IF tag IN ('CREATE TABLE AS', 'SELECT INTO') THEN
+            PERFORM pgcapture.write_log(e, 'start', '[]');
+            e := e || '{"logged": true}';
+        END IF;
+        PERFORM pgcapture.state_save(
+            jsonb_set(st, '{open}', (st -> 'open') || jsonb_build_array(e)));
+    ELSIF phase = 'end' THEN
+        top := st -> 'open' -> -1;
+        IF top ->> 'tag' = tag THEN
+            PERFORM pgcapture.state_save(st #- '{open, -1}');
+        END IF;
+        IF NOT coalesce(top ->> 'tag' = tag AND (top ? 'skip' OR top ? 'logged'), false) THEN
+            PERFORM pgcapture.write_log(e, 'end', '[]');
+        END IF;
+    END IF;
+EXCEPTION WHEN OTHERS THEN
+    RAISE WARNING 'pgcapture did not log DDL statement %: % (then: %)', tag, err, SQLERRM
+        USING HINT = 'replicas will miss this statement; reinstall the DDL capture to repair it';
+END
+$fn$;
+
+-- ---------------------------------------------------------------------------------------------
+-- Event trigger functions. They run as their owner (inserting into ddl_logs needs no grant to
+-- the users running DDL) with search_path pg_catalog, pg_temp; that is set and restored in the
+-- body rather than by a SET clause so that the user's search path can be read (it decides
+-- whether an unqualified CREATE TABLE AS makes a temporary table). Until then only
+-- schema-qualified names are used. Errors never escape: they would fail the user's DDL.
+
+CREATE OR REPLACE FUNCTION pgcapture.on_ddl_command_start()
+RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER
+AS $fn$
+DECLARE
+    ctx text;
+    user_path text;
+BEGIN
+    GET DIAGNOSTICS ctx = PG_CONTEXT;
+    user_path := pg_catalog.current_setting('search_path');
+    PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
+    BEGIN
+        PERFORM pgcapture.handle_start(ctx, tg_tag, user_path);
+    EXCEPTION WHEN OTHERS THEN
+        PERFORM pgcapture.handle_failure('start', tg_tag, SQLERRM);
+    END;
+    PERFORM pg_catalog.set_config('search_path', user_path, true);
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION pgcapture.on_sql_drop()
+RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER
+AS $fn$
+DECLARE
+    user_path text;
+BEGIN
+    user_path := pg_catalog.current_setting('search_path');
+    PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
+    BEGIN
+        PERFORM pgcapture.handle_sql_drop();
+    EXCEPTION WHEN OTHERS THEN
+        -- without the dropped objects ddl_command_end logs the DROP as written: nothing is lost
+        NULL;
+    END;
+    PERFORM pg_catalog.set_config('search_path', user_path, true);
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION pgcapture.on_ddl_command_end()
+RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER
+AS $fn$
+DECLARE
+    ctx text;
+    user_path text;
+BEGIN
+    GET DIAGNOSTICS ctx = PG_CONTEXT;
+    user_path := pg_catalog.current_setting('search_path');
+    PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
+    BEGIN
+        PERFORM pgcapture.handle_end(ctx, tg_tag, user_path);
+    EXCEPTION WHEN OTHERS THEN
+        PERFORM pgcapture.handle_failure('end', tg_tag, SQLERRM);
+    END;
+    PERFORM pg_catalog.set_config('search_path', user_path, true);
+END
+$fn$;
+
+-- Helpers are for the trigger functions (which run as the owner); users get nothing here.
+REVOKE ALL ON ALL FUNCTIONS IN SCHEMA pgcapture FROM PUBLIC;
+
+CREATE EVENT TRIGGER pgcapture_ddl_command_start ON ddl_command_start
+    EXECUTE FUNCTION pgcapture.on_ddl_command_start();
+CREATE EVENT TRIGGER pgcapture_sql_drop ON sql_drop
+    EXECUTE FUNCTION pgcapture.on_sql_drop();
+CREATE EVENT TRIGGER pgcapture_ddl_command_end ON ddl_command_end
+    EXECUTE FUNCTION pgcapture.on_ddl_command_end();
