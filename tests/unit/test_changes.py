@@ -71,14 +71,32 @@ def test_fast_path_produces_the_same_records(case: tuple[list[bool], list, str])
     messages = [begin(1000), relation(5, columns, identity)]
     for row in rows:
         new = tuple_bytes(row)
-        messages.append(b"I" + struct.pack(">I", 5) + b"N" + new)
-        messages.append(b"U" + struct.pack(">I", 5) + b"N" + new)
+        # Repeated: the second sighting compiles a layout, the third uses it.
+        messages += [b"I" + struct.pack(">I", 5) + b"N" + new] * 3
+        messages += [b"U" + struct.pack(">I", 5) + b"N" + new] * 3
+        # Same size, other skeleton: binary and text swapped; must not go through the layout.
+        swapped = [({"b": "t", "t": "b"}.get(k, k), v) for k, v in row]
+        messages.append(b"I" + struct.pack(">I", 5) + b"N" + tuple_bytes(swapped))
         messages.append(b"U" + struct.pack(">I", 5) + b"O" + new + b"N" + new)
         key_image = [c if k else ("n", b"") for c, k in zip(row, keys, strict=True)]
         messages.append(b"D" + struct.pack(">I", 5) + b"K" + tuple_bytes(key_image))
     messages.append(commit(1000))
     slow, fast = both_paths(messages)
     assert fast == slow
+
+
+def test_layouts_follow_relation_changes() -> None:
+    """A Relation message (e.g. after ALTER TABLE) replaces the layouts of its relation."""
+    row = tuple_bytes([("b", b"\0\0\0\1"), ("b", b"ab")])
+    insert = b"I\0\0\0\5N" + row
+    messages = [begin(9), relation(5, [("id", 23, True), ("v", 25, False)])]
+    messages += [insert] * 3
+    messages += [relation(5, [("id", 20, True), ("w", 17, False)])]
+    messages += [insert] * 3 + [commit(9)]
+    slow, fast = both_paths(messages)
+    assert fast == slow
+    last = pb.Message.FromString(fast[-2].message).change
+    assert [(f.name, f.oid) for f in last.new] == [("id", 20), ("w", 17)]
 
 
 def test_unchanged_toast_is_absent_and_null_is_unset() -> None:

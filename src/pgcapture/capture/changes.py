@@ -22,6 +22,7 @@ from struct import Struct
 from typing import Final, NamedTuple
 
 from pgcapture import wire
+from pgcapture.capture.layout import RowLayout, skeleton_of
 from pgcapture.checkpoint import Checkpoint
 from pgcapture.errors import ProtocolError
 from pgcapture.lsn import format_lsn
@@ -47,6 +48,7 @@ _NEW: Final = b"\x22"  # Change.new entry tag
 _OLD: Final = b"\x2a"  # Change.old entry tag
 _TAG_BINARY: Final = b"\x1a"  # Field.binary
 _TAG_TEXT: Final = b"\x22"  # Field.text
+_MAX_LAYOUTS: Final = 1024
 _U32: Final = Struct(">I")
 _U16: Final = Struct(">H")
 _I32: Final = Struct(">i")
@@ -111,6 +113,10 @@ class ChangeAssembler:
 
     def __init__(self) -> None:
         self._relations: dict[int, _RelationEncoder] = {}
+        # Compiled layouts by (relation, tag, message size); see layout.py. A shape becomes a
+        # layout the second time it is seen; a Relation message drops its relation's layouts.
+        self._layouts: dict[tuple[int, int, int], RowLayout] = {}
+        self._seen: set[tuple[int, int, int]] = set()
         self.types: dict[int, tuple[str, str]] = {}  # user type oid -> (schema, name)
         self._lsn = 0  # commit LSN of the open transaction, 0 outside one
         self._seq = 0
@@ -138,7 +144,8 @@ class ChangeAssembler:
         return self.feed(decode(data))
 
     def _fast_change(self, data: bytes, tag: int) -> bytes | None:
-        rel = self._relations.get(_U32.unpack_from(data, 1)[0]) if len(data) > 7 else None
+        relid = _U32.unpack_from(data, 1)[0] if len(data) > 7 else 0
+        rel = self._relations.get(relid)
         if rel is None or (tag == 85 and rel.full_identity):
             return None
         part = data[5]
@@ -149,10 +156,34 @@ class ChangeAssembler:
             return None if old is None else _wrap_change(rel.heads[2], old)
         if part != 78:  # Insert or Update without an old image: 'N' new tuple follows
             return None
+        key = (relid, tag, len(data))
+        layout = self._layouts.get(key)
+        if layout is not None:
+            body = layout.encode(data, 6)
+            if body is not None:
+                return body
+        elif key in self._seen:
+            self._compile(key, rel, data)
+        else:
+            self._remember(key)
         new = _fast_tuple(data, 6, rel, _NEW, rel.new_heads, None)
         if new is None:
             return None
         return _wrap_change(rel.heads[0] if tag == 73 else rel.heads[1], new)
+
+    def _remember(self, key: tuple[int, int, int]) -> None:
+        if len(self._seen) >= _MAX_LAYOUTS:
+            self._seen.clear()
+        self._seen.add(key)
+
+    def _compile(self, key: tuple[int, int, int], rel: _RelationEncoder, data: bytes) -> None:
+        skeleton = skeleton_of(data, 6)
+        if skeleton is None or len(skeleton) != len(rel.prefixes):
+            return
+        if len(self._layouts) >= _MAX_LAYOUTS:
+            self._layouts.clear()
+        head = rel.heads[0] if key[1] == 73 else rel.heads[1]
+        self._layouts[key] = RowLayout(skeleton, rel.prefixes, head, _NEW)
 
     def feed(self, msg: PgOutputMessage) -> Record | None:
         kind = type(msg)
@@ -165,6 +196,7 @@ class ChangeAssembler:
         if kind is Relation:
             assert isinstance(msg, Relation)
             self._relations[msg.relid] = _RelationEncoder.of(msg)
+            self._layouts = {k: v for k, v in self._layouts.items() if k[0] != msg.relid}
             return None
         if kind is Truncate:
             return self._truncate(msg)  # type: ignore[arg-type]
