@@ -44,6 +44,32 @@ async def test_role_that_cannot_create_event_triggers(pg: LocalPostgres, dbname:
         await reader.open()
 
 
+async def test_replication_role_after_setup_by_a_superuser(
+    pg: LocalPostgres, dbname: str, dsn: str
+) -> None:
+    """Once a superuser set up a slot and publication, a REPLICATION role can capture from
+    them; creating publications itself needs more, and the errors say what."""
+    role = f"cdc_{dbname}"
+    _make_role(pg, dbname, role, "REPLICATION")
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(
+            f'CREATE TABLE owned (id int PRIMARY KEY); ALTER TABLE owned OWNER TO "{role}"'
+        )
+    setup = SlotReader(dsn, "by_superuser", tables=["owned"])
+    await setup.open()
+    await setup.close()
+    as_role = pg.dsn(dbname, user=role)
+    everything = SlotReader(as_role, "all_tables")
+    with pytest.raises(PermissionDenied, match=r"FOR ALL TABLES needs a superuser.*--tables"):
+        await everything.open()
+    listed = SlotReader(as_role, "listed", tables=["owned"])
+    with pytest.raises(PermissionDenied, match=r"pgcapture.ddl_logs included.*superuser"):
+        await listed.open()
+    same = SlotReader(as_role, "by_superuser", tables=["owned"])
+    await same.open()
+    await same.close()
+
+
 async def test_slot_active_in_another_process(dsn: str, slot_name: str) -> None:
     first = SlotReader(dsn, slot_name)
     await first.open()

@@ -20,6 +20,7 @@ Contract (the design is in docs/ddl.md):
 
 from __future__ import annotations
 
+import hashlib
 from importlib import resources
 from typing import Any, Final
 
@@ -43,14 +44,39 @@ def ddl_sql() -> bytes:
     return resources.files("pgcapture.capture").joinpath("ddl.sql").read_bytes()
 
 
+def _version() -> str:
+    return hashlib.sha256(ddl_sql()).hexdigest()[:16]
+
+
+def installed_marker() -> str:
+    """The comment on schema ``pgcapture`` that says which ``ddl.sql`` is installed."""
+    return f"pgcapture ddl capture {_version()}"
+
+
 async def install_ddl_capture(conn: psycopg.AsyncConnection[Any]) -> None:
     """Install (or reinstall) DDL capture in ``conn``'s database, in one transaction."""
-    script = ddl_sql()
+    script = ddl_sql().replace(b"@VERSION@", _version().encode())
     try:
         async with conn.transaction():
             await conn.execute(script)
     except pg_errors.InsufficientPrivilege as exc:
         raise PermissionDenied(_permission_message(conn, exc)) from exc
+
+
+async def ensure_ddl_capture(conn: psycopg.AsyncConnection[Any]) -> bool:
+    """Install DDL capture unless this very version is installed with its triggers enabled, so
+    that only installing and upgrading need the privilege to create event triggers. Returns
+    whether it installed."""
+    cur = await conn.execute(
+        "SELECT obj_description(to_regnamespace('pgcapture'), 'pg_namespace'), "
+        "(SELECT count(*) FROM pg_event_trigger WHERE evtenabled <> 'D' AND evtname IN "
+        " ('pgcapture_ddl_command_start', 'pgcapture_sql_drop', 'pgcapture_ddl_command_end'))"
+    )
+    row = await cur.fetchone()
+    if row is not None and row[0] == installed_marker() and row[1] == 3:
+        return False
+    await install_ddl_capture(conn)
+    return True
 
 
 def _permission_message(conn: psycopg.AsyncConnection[Any], exc: pg_errors.Error) -> str:

@@ -16,6 +16,8 @@ DROP EVENT TRIGGER IF EXISTS pgcapture_sql_drop;
 DROP EVENT TRIGGER IF EXISTS pgcapture_ddl_command_end;
 
 CREATE SCHEMA IF NOT EXISTS pgcapture;
+-- Which version of this script is installed (the installer fills in a hash of the script).
+COMMENT ON SCHEMA pgcapture IS 'pgcapture ddl capture @VERSION@';
 
 CREATE TABLE IF NOT EXISTS pgcapture.ddl_logs (
     id serial PRIMARY KEY,

@@ -18,7 +18,7 @@ from typing import Any, Final
 import psycopg
 from psycopg import sql
 
-from pgcapture.capture.ddl import install_ddl_capture
+from pgcapture.capture.ddl import ensure_ddl_capture
 from pgcapture.errors import ConfigError, PermissionDenied, SlotInUse, UnsupportedServer
 from pgcapture.lsn import LSN
 
@@ -124,12 +124,19 @@ async def ensure_publication(
             target = sql.SQL(", ").join(sql.Identifier(*t) for t in sorted(_with_ddl(tables)))
             await conn.execute(sql.SQL("ALTER PUBLICATION {} SET TABLE {}").format(pub, target))
     except psycopg.errors.InsufficientPrivilege as exc:
-        how = (
-            "FOR ALL TABLES needs a superuser; list the tables with --tables instead"
-            if wanted_all
-            else "publishing a table needs ownership of it"
-        )
-        raise PermissionDenied(f"cannot create publication {name!r}: {exc}; {how}") from exc
+        raise PermissionDenied(
+            f"cannot create or change publication {name!r}: {exc}; {_publication_fix(wanted_all)}"
+        ) from exc
+
+
+def _publication_fix(all_tables: bool) -> str:
+    if all_tables:
+        return "FOR ALL TABLES needs a superuser; list the tables with --tables instead"
+    return (
+        "publishing a table needs ownership of it, pgcapture.ddl_logs included: run this "
+        "setup once as a superuser (later runs with the same slot and tables need no such "
+        "privilege), or make the capture role own the listed tables and pgcapture.ddl_logs"
+    )
 
 
 def _with_ddl(tables: list[tuple[str, str]]) -> set[tuple[str, str]]:
@@ -201,12 +208,13 @@ async def prepare_source(
     tables: Sequence[str] | None,
     create: bool = True,
 ) -> SourceInfo:
-    """Check the server, install DDL capture, ensure publication and (unless ``create`` is
-    false, for temporary slots) the slot. ``conn`` must be in autocommit mode."""
+    """Check the server, install DDL capture if it is missing or outdated, ensure the
+    publication and (unless ``create`` is false, for temporary slots) the slot. ``conn`` must
+    be in autocommit mode."""
     version = await check_server(conn)
     await check_role(conn)
     resolved = await resolve_tables(conn, tables) if tables else None
-    await install_ddl_capture(conn)
+    await ensure_ddl_capture(conn)
     await ensure_publication(conn, publication, resolved)
     position = await slot_position(conn, slot)
     if position is None and create:
