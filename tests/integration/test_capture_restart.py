@@ -173,3 +173,25 @@ async def test_fast_shutdown_of_the_source_completes_while_connected() -> None:
         with pytest.raises(ConnectionLost):
             await asyncio.wait_for(consuming, 10)
         await reader.close()
+
+
+async def test_tail_with_a_temporary_slot_leaves_no_slot_behind(dsn: str, slot_name: str) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "pgcapture", "tail", "--dsn", dsn, "--slot", slot_name,
+        "--temporary", stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    await _wait_for_active_slot(dsn, slot_name)
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        cur = await conn.execute(
+            "SELECT temporary FROM pg_replication_slots WHERE slot_name = %s", (slot_name,)
+        )
+        assert await cur.fetchone() == (True,)
+        await conn.execute("CREATE TABLE seqs (id int PRIMARY KEY)")
+        await conn.execute("INSERT INTO seqs VALUES (1)")
+        assert _ids(await _read_lines(proc, until=1)) == [1]
+        proc.send_signal(signal.SIGINT)
+        assert await asyncio.wait_for(proc.wait(), 15) == 0
+        cur = await conn.execute(
+            "SELECT count(*) FROM pg_replication_slots WHERE slot_name = %s", (slot_name,)
+        )
+        assert await cur.fetchone() == (0,)
