@@ -87,6 +87,7 @@ class ReplicationStream:
         self._unconfirmed = False  # data received since the last confirm covering it
         self._reported = -1
         self._last_status = 0.0
+        self._reader_fd = -1  # the socket our reader is registered on, -1 when none
 
     @classmethod
     async def connect(cls, dsn: str, status_interval: float = 10.0) -> ReplicationStream:
@@ -138,7 +139,8 @@ class ReplicationStream:
         self._confirmed = max(self._confirmed, start_lsn)
         self._streaming = True
         self._last_status = time.monotonic()
-        asyncio.get_running_loop().add_reader(self._pgconn.socket, self._readable.set)
+        self._reader_fd = self._pgconn.socket
+        asyncio.get_running_loop().add_reader(self._reader_fd, self._readable.set)
 
     def confirm(self, lsn: int) -> None:
         """Everything up to ``lsn`` is durable downstream. Never moves backwards."""
@@ -163,8 +165,10 @@ class ReplicationStream:
             self._drain(out, max_messages)
             if out:
                 break
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._readable.wait(), self._wait_time())
+                async with asyncio.timeout(self._wait_time()):
+                    await self._readable.wait()
         await self._maybe_send_status()
         return out
 
@@ -206,6 +210,7 @@ class ReplicationStream:
 
     def _end_of_stream(self, nbytes: int) -> None:
         self._streaming = False
+        self._remove_reader()
         res = self._pgconn.get_result()
         if res is not None and res.status == pq.ExecStatus.FATAL_ERROR:
             raise _translate_stream_error(psycopg.errors.error_from_result(res), None)
@@ -251,11 +256,18 @@ class ReplicationStream:
         self._send_status()
         await self._flush()
 
+    def _remove_reader(self) -> None:
+        # Always before the socket closes: a stale registration would capture whatever file
+        # gets the same descriptor number next.
+        if self._reader_fd >= 0:
+            asyncio.get_running_loop().remove_reader(self._reader_fd)
+            self._reader_fd = -1
+
     async def close(self) -> None:
         """Report the confirmed position one last time, end the stream and disconnect."""
+        self._remove_reader()
         if self._streaming:
             self._streaming = False
-            asyncio.get_running_loop().remove_reader(self._pgconn.socket)
             try:
                 self._send_status()
                 self._pgconn.put_copy_end()

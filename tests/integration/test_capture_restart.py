@@ -56,10 +56,14 @@ async def _read_lines(
 
 
 async def _wait_for_active_slot(dsn: str, slot: str) -> None:
+    """Until the slot is read by a process and has reached its consistent point (a slot being
+    created shows as active before that, and changes committed meanwhile are not decoded)."""
     async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
-        for _ in range(300):
+        for _ in range(600):
             cur = await conn.execute(
-                "SELECT 1 FROM pg_replication_slots WHERE slot_name = %s AND active", (slot,)
+                "SELECT 1 FROM pg_replication_slots WHERE slot_name = %s AND active "
+                "AND confirmed_flush_lsn IS NOT NULL",
+                (slot,),
             )
             if await cur.fetchone():
                 return
