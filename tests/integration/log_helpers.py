@@ -1,0 +1,122 @@
+"""Helpers for the tests of capture into JetStream (imported by plain name, as pytest puts this
+folder on ``sys.path``)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+import nats as natslib
+import psycopg
+
+from pgcapture.capture.changes import Record
+from pgcapture.capture.pipeline import run_capture
+from pgcapture.capture.reader import SlotReader
+from pgcapture.config import Config, SourceConfig, validate_config
+from pgcapture.log.reader import read_records
+from pgcapture.log.stream import read_tail
+from pgcapture.proto import pb
+
+
+def make_config(dsn: str, url: str | list[str], name: str, **source: object) -> Config:
+    data = {
+        "nats": {"url": url},
+        "sources": {
+            name: {
+                "dsn": dsn, "status_interval": 0.2, "lock": {"ttl": 1, "wait": 10},
+                "batch": {"max_records": 50, "max_bytes": 16384},
+                "publish": {"ack_timeout": 3}, **source,
+            }
+        },
+    }  # fmt: skip
+    return validate_config(data)
+
+
+async def prepare_slots(dsn: str, source: SourceConfig) -> None:
+    """Create capture's slot and the reference slot ``<slot>_ref`` on the same publication."""
+    for slot in (source.slot_name, source.slot_name + "_ref"):
+        reader = SlotReader(dsn, slot, publication=source.slot_name)
+        await reader.open()
+        await reader.close()
+
+
+async def reference(dsn: str, source: SourceConfig, timeout: float = 60) -> list[Record]:
+    """Records of the reference slot up to the Commit of the transaction that writes ``done``."""
+    reader = SlotReader(dsn, source.slot_name + "_ref", publication=source.slot_name)
+    await reader.open()
+    out: list[Record] = []
+    done = False
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                for record in await reader.read():
+                    out.append(Record(record.lsn, record.seq, record.message))
+                    if done and record.is_commit:
+                        return out
+                    if not done and record.seq and not record.is_commit:
+                        change = pb.Message.FromString(record.message).change
+                        done = change.table == "done"
+    finally:
+        await reader.close()
+
+
+async def wait_for_stream(js_url: str | list[str], stream: str, last: Record) -> None:
+    nc = await natslib.connect(js_url)
+    try:
+        async with asyncio.timeout(60):
+            while True:
+                with contextlib.suppress(natslib.errors.Error):
+                    tail = await read_tail(nc.jetstream(), stream)
+                    if tail.checkpoint == last.checkpoint:
+                        return
+                await asyncio.sleep(0.1)
+    finally:
+        await nc.close()
+
+
+async def stream_records(url: str | list[str], stream: str) -> list[Record]:
+    nc = await natslib.connect(url)
+    try:
+        return await read_records(nc.jetstream(), stream)
+    finally:
+        await nc.close()
+
+
+def assert_same_log(stored: list[Record], expected: list[Record]) -> None:
+    """The stream from the reference's first record on equals the reference, byte for byte."""
+    start = expected[0].checkpoint
+    tail = [r for r in stored if r.checkpoint >= start]
+    assert len({r.checkpoint for r in stored}) == len(stored), "a checkpoint is stored twice"
+    assert len(tail) == len(expected)
+    assert tail == expected
+
+
+@contextlib.asynccontextmanager
+async def capturing(config: Config, name: str) -> AsyncIterator[asyncio.Event]:
+    stop = asyncio.Event()
+    task = asyncio.create_task(run_capture(config.source(name), config.nats, stop))
+    try:
+        yield stop
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+
+
+async def run_sql(dsn: str, *statements: str) -> None:
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        for statement in statements:
+            await conn.execute(statement)
+
+
+WORKLOAD = (
+    "CREATE TABLE items (id int PRIMARY KEY, name text, price numeric)",
+    "CREATE TABLE done (id int)",
+    "INSERT INTO items SELECT g, 'item ' || g, g * 1.5 FROM generate_series(1, 3000) g",
+    "UPDATE items SET price = price + 1 WHERE id % 7 = 0",
+    "DELETE FROM items WHERE id % 11 = 0",
+    "ALTER TABLE items ADD COLUMN tags text[]",
+    "INSERT INTO items VALUES (5000, repeat('x', 40000), 1, '{a,b}')",
+    "TRUNCATE items",
+    "INSERT INTO done VALUES (1)",
+)
