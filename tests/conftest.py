@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Iterator
 
 import psycopg
@@ -34,17 +35,27 @@ def dbname(pg: LocalPostgres) -> Iterator[str]:
         yield name
     finally:
         with psycopg.connect(pg.dsn(), autocommit=True) as conn:
-            conn.execute(
-                "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots "
-                "WHERE database = %s AND active_pid IS NOT NULL",
-                (name,),
-            )
-            conn.execute(
-                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
-                "WHERE database = %s",
-                (name,),
-            )
+            _drop_slots(conn, name)
             conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+
+
+def _drop_slots(conn: psycopg.Connection[tuple[object, ...]], database: str) -> None:
+    """Drop the database's slots; a walsender that is still closing holds its slot for a
+    moment after its client left, so wait for it (bounded) rather than fail."""
+    deadline = time.monotonic() + 15
+    while True:
+        active = conn.execute(
+            "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots "
+            "WHERE database = %s AND active_pid IS NOT NULL",
+            (database,),
+        ).fetchall()
+        if not active or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    conn.execute(
+        "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE database = %s",
+        (database,),
+    )
 
 
 @pytest.fixture
