@@ -43,8 +43,9 @@ import nats
 import nats.errors
 import psycopg
 
-from pgcapture.capture.pipeline import LogWriter, run_capture
+from pgcapture.capture.pipeline import LogWriter
 from pgcapture.capture.reader import SlotReader
+from pgcapture.capture.retry import run_capture
 from pgcapture.config import SourceConfig, validate_config
 from pgcapture.local import LocalNats, LocalPostgres
 from pgcapture.log.batch import Batch, decode_batch

@@ -11,8 +11,8 @@ import nats as natslib
 import psycopg
 
 from pgcapture.capture.changes import Record
-from pgcapture.capture.pipeline import run_capture
 from pgcapture.capture.reader import SlotReader
+from pgcapture.capture.retry import run_capture
 from pgcapture.config import Config, SourceConfig, validate_config
 from pgcapture.log.reader import read_records
 from pgcapture.log.stream import read_tail

@@ -28,7 +28,7 @@ from log_helpers import (
 )
 from nats.js import api
 
-from pgcapture.capture.pipeline import run_capture
+from pgcapture.capture.retry import run_capture
 from pgcapture.errors import ConfigError, SourceError
 from pgcapture.local import LocalNats, LocalPostgres
 from pgcapture.local.postgres import free_port

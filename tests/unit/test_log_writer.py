@@ -12,7 +12,7 @@ import psycopg
 import pytest
 from nats.js import api
 
-from pgcapture.capture.pipeline import Backoff, _unwrap, is_transient
+from pgcapture.capture.retry import Backoff, _unwrap, is_transient
 from pgcapture.errors import ConfigError, ConnectionLost, SlotInUse, SourceError
 from pgcapture.log.lease import describe_owner, new_owner_id
 from pgcapture.log.stream import StreamSettings, stream_conflicts

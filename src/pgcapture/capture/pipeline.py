@@ -15,12 +15,8 @@ stream, takes the source's single-writer lease, reads the stream's tail and open
   highest Commit ``end_lsn``, so the slot never moves past what JetStream stored;
 * the lease is refreshed; losing it ends the session at once.
 
-Any failure ends the session. ``run_capture`` starts a new one after a backoff when the failure
-is transient (a connection, an unacknowledged or refused publish, the slot still held by the
-walsender of a dead session), and gives up with the error when it is not (configuration, a
-permission, another capture holding the lease). Resuming is exact because the stream's tail, not
-the session's memory, says what is stored. On ``stop`` the session publishes what it has,
-waits for the acknowledgements, confirms, and releases the lease.
+Any failure ends the session (``retry.run_capture`` starts the next one). On ``stop`` the
+session publishes what it has, waits for the acknowledgements, confirms, and releases the lease.
 """
 
 from __future__ import annotations
@@ -28,25 +24,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-import nats.errors
-import nats.js.errors
-import psycopg
 from nats.aio.client import Client as NATS
 
 from pgcapture.capture.changes import Record
 from pgcapture.capture.reader import SlotReader
 from pgcapture.checkpoint import Checkpoint
 from pgcapture.config import NatsConfig, SourceConfig
-from pgcapture.errors import ConnectionLost, PgCaptureError, SlotInUse, SourceError
+from pgcapture.errors import ConnectionLost
 from pgcapture.log.batch import Batch, Batcher
 from pgcapture.log.client import connect_nats
-from pgcapture.log.lease import Lease, new_owner_id
+from pgcapture.log.lease import Lease
 from pgcapture.log.stream import StreamSettings, ensure_stream, read_tail
 from pgcapture.log.writer import StreamWriter
 
@@ -361,98 +353,3 @@ class CaptureStatus:
         self.changed = time.time()
         if error is not None:
             self.last_error = f"{type(error).__name__}: {error}"
-
-
-@dataclass
-class Backoff:
-    """Exponential backoff with jitter, reset by a session that made progress."""
-
-    initial: float = 0.2
-    maximum: float = 10.0
-    current: float = 0.0
-
-    def next(self, progressed: bool) -> float:
-        if progressed or not self.current:
-            self.current = self.initial
-        else:
-            self.current = min(self.maximum, self.current * 2)
-        return self.current * random.uniform(0.75, 1.25)
-
-
-async def run_capture(
-    source: SourceConfig,
-    nats_cfg: NatsConfig,
-    stop: asyncio.Event,
-    wrap: WriterWrapper | None = None,
-    status: CaptureStatus | None = None,
-    on_error: Callable[[BaseException], None] | None = None,
-) -> None:
-    """Capture ``source`` until ``stop`` is set, reconnecting after transient failures."""
-    status = status or CaptureStatus()
-    owner = new_owner_id()
-    backoff = Backoff()
-    while not stop.is_set():
-        session = CaptureSession(source, nats_cfg, owner, wrap, status)
-        status.sessions += 1
-        status.set("connecting")
-        try:
-            await session.run(stop)
-        except BaseException as raised:
-            exc = _unwrap(raised)
-            if not is_transient(exc):
-                status.set("failed", exc)
-                raise _explain_permanent(exc) from None
-            status.set("retrying", exc)
-            if on_error is not None:
-                on_error(exc)
-            delay = backoff.next(session.acked_batches > 0)
-            log.warning(
-                "capture of %s interrupted: %s; reconnecting in %.1fs", source.name, exc, delay,
-                extra={"source": source.name, "error": type(exc).__name__},
-            )  # fmt: skip
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(delay):
-                    await stop.wait()
-    status.set("stopped")
-
-
-def _unwrap(exc: BaseException) -> BaseException:
-    """The one error that explains a failed task group: a permanent one before others."""
-    while isinstance(exc, BaseExceptionGroup):
-        errors = [_unwrap(e) for e in exc.exceptions]
-        permanent = [e for e in errors if not is_transient(e)]
-        exc = (permanent or errors)[0]
-    return exc
-
-
-def is_transient(exc: BaseException) -> bool:
-    """Whether a new session may succeed where this one failed."""
-    if isinstance(exc, ConnectionLost | SlotInUse):
-        return True
-    if isinstance(exc, PgCaptureError | asyncio.CancelledError):
-        return False
-    if isinstance(exc, nats.js.errors.APIError):
-        return exc.code in (None, 408, 500, 503) or isinstance(
-            exc, nats.js.errors.ServiceUnavailableError
-        )
-    if isinstance(exc, psycopg.OperationalError):
-        return not _permanent_pg_error(exc)
-    return isinstance(exc, nats.errors.Error | OSError | TimeoutError)
-
-
-def _explain_permanent(exc: BaseException) -> BaseException:
-    """A permanent connection failure as the error that says what to fix."""
-    if isinstance(exc, psycopg.OperationalError):
-        return SourceError(
-            f"cannot connect to the source database: {str(exc).strip()}; check the source's dsn "
-            "(host, port, dbname, user) and the server's pg_hba.conf"
-        )
-    return exc
-
-
-def _permanent_pg_error(exc: psycopg.OperationalError) -> bool:
-    text = str(exc)
-    return any(
-        marker in text
-        for marker in ("password authentication failed", "does not exist", "no pg_hba.conf")
-    )

@@ -13,7 +13,8 @@ import contextlib
 import time
 from typing import Any
 
-from pgcapture.capture.pipeline import CaptureStatus, LogWriter, run_capture
+from pgcapture.capture.pipeline import CaptureStatus, LogWriter
+from pgcapture.capture.retry import run_capture
 from pgcapture.config import Config, SourceConfig
 from pgcapture.log.writer import StreamWriter
 from pgcapture.ops.http import OpsServer
