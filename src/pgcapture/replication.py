@@ -28,7 +28,7 @@ import contextlib
 import struct
 import time
 from dataclasses import dataclass
-from typing import Any, Final, NamedTuple
+from typing import Any, Final
 
 import psycopg
 from psycopg import pq
@@ -36,20 +36,12 @@ from psycopg import pq
 from pgcapture.errors import ConnectionLost, PermissionDenied, ProtocolError, SlotInUse, SourceError
 from pgcapture.lsn import LSN, format_lsn
 
-_XLOGDATA_HEADER: Final = struct.Struct(">QQq")  # data start, WAL end, send time
+_DATA_START: Final = struct.Struct(">Q")  # XLogData: data start (then WAL end, send time)
 _KEEPALIVE: Final = struct.Struct(">QqB")  # WAL end, send time, reply requested
 _STATUS: Final = struct.Struct(">cQQQqB")
 _PG_EPOCH_US: Final = 946_684_800_000_000  # 2000-01-01 in Unix microseconds
 _XLOGDATA: Final = ord("w")
 _PRIMARY_KEEPALIVE: Final = ord("k")
-
-
-class XLogData(NamedTuple):
-    """One WAL data message: ``payload`` is one message of the output plugin."""
-
-    data_start: int
-    wal_end: int
-    payload: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,12 +141,13 @@ class ReplicationStream:
         if self._confirmed >= self._received:
             self._unconfirmed = False
 
-    async def read(self, max_messages: int = 4096) -> list[XLogData]:
-        """Wait for and return the XLogData messages available now (at least one).
+    async def read(self, max_messages: int = 4096) -> list[bytes]:
+        """Wait for and return the output plugin's messages available now (at least one): the
+        payloads of XLogData messages, in order.
 
         Keepalives are handled here; status updates go out when due while waiting.
         """
-        out: list[XLogData] = []
+        out: list[bytes] = []
         while not out:
             self._drain(out, max_messages)
             if out:
@@ -178,26 +171,37 @@ class ReplicationStream:
         except psycopg.OperationalError as exc:
             raise ConnectionLost(f"replication connection lost: {exc}") from exc
 
-    def _drain(self, out: list[XLogData], limit: int) -> None:
+    def _drain(self, out: list[bytes], limit: int) -> None:
+        """Append the payloads of the XLogData messages libpq holds now (up to ``limit``)."""
         get = self._pgconn.get_copy_data
-        header = _XLOGDATA_HEADER.unpack_from
+        start_of = _DATA_START.unpack_from
+        append = out.append
+        highest = 0
         while len(out) < limit:
             nbytes, data = get(1)
             if nbytes == 0:
-                return
+                break
             if nbytes < 0:
                 self._end_of_stream(nbytes)
             kind = data[0]
             if kind == _XLOGDATA:
-                start, end, _ = header(data, 1)
-                out.append(XLogData(start, end, bytes(data[25:])))
-                if start > self._received:
-                    self._received = start
-                self._unconfirmed = start > self._confirmed
+                append(bytes(data[25:]))
+                (start,) = start_of(data, 1)
+                if start > highest:
+                    highest = start
             elif kind == _PRIMARY_KEEPALIVE:
+                self._note_received(highest)
                 self._keepalive(bytes(data))
             else:
                 raise ProtocolError(f"unexpected replication message type {chr(kind)!r}")
+        self._note_received(highest)
+
+    def _note_received(self, start: int) -> None:
+        """Data up to ``start`` was received: it is in flight until confirmed."""
+        if start > self._received:
+            self._received = start
+        if start > self._confirmed:
+            self._unconfirmed = True
 
     def _keepalive(self, data: bytes) -> None:
         wal_end, _, reply = _KEEPALIVE.unpack_from(data, 1)

@@ -82,8 +82,8 @@ class SlotReader:
         feed = self._assembler.feed_raw
         out: list[Record] = []
         while not out:
-            for frame in await self.stream.read():
-                record = feed(frame.payload, decode)
+            for payload in await self.stream.read():
+                record = feed(payload, decode)
                 if record is not None:
                     out.append(record)
         return out
