@@ -26,9 +26,14 @@ def varint(value: int) -> bytes:
     return bytes(out)
 
 
+def field_head(number: int, length: int) -> bytes:
+    """The tag and length of a length-delimited field (wire type 2)."""
+    return varint(number << 3 | 2) + varint(length)
+
+
 def field_bytes(number: int, payload: bytes) -> bytes:
     """A length-delimited field (wire type 2)."""
-    return varint(number << 3 | 2) + varint(len(payload)) + payload
+    return field_head(number, len(payload)) + payload
 
 
 def field_varint(number: int, value: int) -> bytes:
@@ -58,8 +63,8 @@ OP_DELETE: Final = 2
 
 _TAG_BINARY: Final = b"\x1a"  # Field.binary = 3, length-delimited
 _TAG_TEXT: Final = b"\x22"  # Field.text = 4, length-delimited
-_TAG_NEW: Final = b"\x22"  # Change.new = 4
-_TAG_OLD: Final = b"\x2a"  # Change.old = 5
+TAG_NEW: Final = b"\x22"  # Change.new = 4
+TAG_OLD: Final = b"\x2a"  # Change.old = 5
 
 
 def field_prefix(name: str, oid: int) -> bytes:
@@ -67,23 +72,33 @@ def field_prefix(name: str, oid: int) -> bytes:
     return field_string(1, name) + field_varint(2, oid)
 
 
+def value_head(kind: int, length: int) -> bytes:
+    """What precedes a value of ``length`` bytes in a ``Field``: ``kind`` is ``ord('b')``
+    (binary) or ``ord('t')`` (text)."""
+    return (_TAG_BINARY if kind == 98 else _TAG_TEXT) + varint(length)
+
+
 def encode_field(prefix: bytes, kind: int, value: bytes | None) -> bytes:
     """One ``Field``: ``kind`` is ``ord('b')`` binary, ``ord('t')`` text, else NULL (unset)."""
     if value is None:
         return prefix
-    tag = _TAG_BINARY if kind == 98 else _TAG_TEXT
-    return prefix + tag + varint(len(value)) + value
+    return prefix + value_head(kind, len(value)) + value
 
 
-def encode_fields(tag: bytes, fields: list[bytes]) -> bytes:
-    """Repeated ``Field`` entries of ``Change.new`` (``tag`` b'\\x22') or ``Change.old``."""
-    return b"".join([tag + varint(len(f)) + f for f in fields])
+def entry(tag: bytes, field: bytes) -> bytes:
+    """One entry of ``Change.new`` (``TAG_NEW``) or ``Change.old`` (``TAG_OLD``)."""
+    return tag + varint(len(field)) + field
+
+
+def wrap_change(body: bytes) -> bytes:
+    """``Message{change}`` around an encoded ``Change`` body."""
+    return field_bytes(MESSAGE_CHANGE, body)
 
 
 def encode_change_message(head: bytes, new: list[bytes], old: list[bytes]) -> bytes:
     """``Message{change}`` from ``head`` (op, schema, table already encoded) and field lists."""
-    body = head + encode_fields(_TAG_NEW, new) + encode_fields(_TAG_OLD, old)
-    return b"\x1a" + varint(len(body)) + body
+    entries = [entry(TAG_NEW, f) for f in new] + [entry(TAG_OLD, f) for f in old]
+    return wrap_change(head + b"".join(entries))
 
 
 def change_head(op: int, schema: str, table: str) -> bytes:

@@ -44,10 +44,6 @@ from pgcapture.pgoutput import (
     Update,
 )
 
-_NEW: Final = b"\x22"  # Change.new entry tag
-_OLD: Final = b"\x2a"  # Change.old entry tag
-_TAG_BINARY: Final = b"\x1a"  # Field.binary
-_TAG_TEXT: Final = b"\x22"  # Field.text
 _MAX_LAYOUTS: Final = 1024
 _U32: Final = Struct(">I")
 _U16: Final = Struct(">H")
@@ -117,13 +113,8 @@ class ChangeAssembler:
         # layout the second time it is seen; a Relation message drops its relation's layouts.
         self._layouts: dict[tuple[int, int, int], RowLayout] = {}
         self._seen: set[tuple[int, int, int]] = set()
-        self.types: dict[int, tuple[str, str]] = {}  # user type oid -> (schema, name)
         self._lsn = 0  # commit LSN of the open transaction, 0 outside one
         self._seq = 0
-
-    @property
-    def in_transaction(self) -> bool:
-        return self._lsn != 0
 
     def feed_raw(self, data: bytes, decode: Callable[[bytes], PgOutputMessage]) -> Record | None:
         """``feed(decode(data))``, with a fused path for the common row messages.
@@ -152,8 +143,8 @@ class ChangeAssembler:
         if tag == 68:  # Delete: 'K' key image only
             if part != 75:
                 return None
-            old = _fast_tuple(data, 6, rel, _OLD, rel.old_heads, rel.keys)
-            return None if old is None else _wrap_change(rel.heads[2], old)
+            old = _fast_tuple(data, 6, rel, wire.TAG_OLD, rel.old_heads, rel.keys)
+            return None if old is None else wire.wrap_change(rel.heads[2] + old)
         if part != 78:  # Insert or Update without an old image: 'N' new tuple follows
             return None
         key = (relid, tag, len(data))
@@ -166,10 +157,10 @@ class ChangeAssembler:
             self._compile(key, rel, data)
         else:
             self._remember(key)
-        new = _fast_tuple(data, 6, rel, _NEW, rel.new_heads, None)
+        new = _fast_tuple(data, 6, rel, wire.TAG_NEW, rel.new_heads, None)
         if new is None:
             return None
-        return _wrap_change(rel.heads[0] if tag == 73 else rel.heads[1], new)
+        return wire.wrap_change((rel.heads[0] if tag == 73 else rel.heads[1]) + new)
 
     def _remember(self, key: tuple[int, int, int]) -> None:
         if len(self._seen) >= _MAX_LAYOUTS:
@@ -183,7 +174,7 @@ class ChangeAssembler:
         if len(self._layouts) >= _MAX_LAYOUTS:
             self._layouts.clear()
         head = rel.heads[0] if key[1] == 73 else rel.heads[1]
-        self._layouts[key] = RowLayout(skeleton, rel.prefixes, head, _NEW)
+        self._layouts[key] = RowLayout(skeleton, rel.prefixes, head, wire.TAG_NEW)
 
     def feed(self, msg: PgOutputMessage) -> Record | None:
         kind = type(msg)
@@ -200,11 +191,7 @@ class ChangeAssembler:
             return None
         if kind is Truncate:
             return self._truncate(msg)  # type: ignore[arg-type]
-        if kind is Type:
-            assert isinstance(msg, Type)
-            self.types[msg.oid] = (msg.namespace, msg.name)
-            return None
-        if kind is Origin or kind is LogicalMessage:
+        if kind is Type or kind is Origin or kind is LogicalMessage:
             return None
         raise ProtocolError(
             f"unexpected pgoutput message {kind.__name__}: streaming and two-phase decoding are "
@@ -269,11 +256,6 @@ class ChangeAssembler:
         return Record(self._lsn, seq, body)
 
 
-def _wrap_change(head: bytes, entries: bytes) -> bytes:
-    body = head + entries
-    return b"\x1a" + wire.varint(len(body)) + body
-
-
 def _fast_tuple(
     data: bytes,
     off: int,
@@ -313,7 +295,7 @@ def _fast_tuple(
         elif kind == 110:  # 'n'
             off += 1
             if only is None or only[i]:
-                append(entry_tag + wire.varint(len(prefixes[i])) + prefixes[i])
+                append(wire.entry(entry_tag, prefixes[i]))
         else:
             return None
     return b"".join(parts) if off == size else None
@@ -324,9 +306,8 @@ def _entry_head(
 ) -> bytes:
     """Everything of one ``Change.new``/``old`` entry before a value of ``n`` bytes, cached
     per column by length (negative keys for text values)."""
-    value_head = (_TAG_BINARY if kind == 98 else _TAG_TEXT) + wire.varint(n)
-    field_len = len(prefix) + len(value_head) + n
-    head = entry_tag + wire.varint(field_len) + prefix + value_head
+    value_head = wire.value_head(kind, n)
+    head = entry_tag + wire.varint(len(prefix) + len(value_head) + n) + prefix + value_head
     if len(heads) < 256:
         heads[n if kind == 98 else -1 - n] = head
     return head

@@ -15,12 +15,8 @@ from collections.abc import Callable
 from operator import itemgetter
 from struct import Struct
 from struct import error as StructError
-from typing import Final
 
 from pgcapture import wire
-
-_TAG_BINARY: Final = b"\x1a"
-_TAG_TEXT: Final = b"\x22"
 
 
 class RowLayout:
@@ -46,14 +42,14 @@ class RowLayout:
                 codes.append("B")
                 checks.append(at)
                 expected.append(kind)
-                pending += entry_tag + wire.varint(len(prefix)) + prefix
+                pending += wire.entry(entry_tag, prefix)
                 at += 1
                 continue
             codes.append(f"Bi{length}s")
             checks += (at, at + 1)
             expected += (kind, length)
             values.append(at + 2)
-            value_head = (_TAG_BINARY if kind == 98 else _TAG_TEXT) + wire.varint(length)
+            value_head = wire.value_head(kind, length)
             field_len = len(prefix) + len(value_head) + length
             pieces.append(pending + entry_tag + wire.varint(field_len) + prefix + value_head)
             pending = b""
@@ -70,7 +66,7 @@ class RowLayout:
         template.append(pending)
         self._template = template
         body_len = len(head) + sum(len(p) for p in template) + sum(n for _, n in skeleton if n > 0)
-        self._prefix = b"\x1a" + wire.varint(body_len) + head
+        self._prefix = wire.field_head(wire.MESSAGE_CHANGE, body_len) + head
 
     def encode(self, data: bytes, off: int) -> bytes | None:
         """The ``Message{change}`` bytes for the tuple at ``off`` (ending the message), or None
