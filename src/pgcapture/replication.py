@@ -27,7 +27,6 @@ import asyncio
 import contextlib
 import struct
 import time
-from dataclasses import dataclass
 from typing import Any, Final
 
 import psycopg
@@ -42,14 +41,6 @@ _STATUS: Final = struct.Struct(">cQQQqB")
 _PG_EPOCH_US: Final = 946_684_800_000_000  # 2000-01-01 in Unix microseconds
 _XLOGDATA: Final = ord("w")
 _PRIMARY_KEEPALIVE: Final = ord("k")
-
-
-@dataclass(frozen=True, slots=True)
-class SystemInfo:
-    system_id: str
-    timeline: int
-    xlogpos: LSN
-    dbname: str | None
 
 
 def pg_now_us() -> int:
@@ -77,7 +68,6 @@ class ReplicationStream:
         self._confirmed = 0  # what the caller made durable
         self._received = 0  # highest data start received
         self._unconfirmed = False  # data received since the last confirm covering it
-        self._reported = -1
         self._last_status = 0.0
         self._reader_fd = -1  # the socket our reader is registered on, -1 when none
 
@@ -90,17 +80,6 @@ class ReplicationStream:
         except psycopg.OperationalError as exc:
             raise _translate_connect_error(exc) from exc
         return cls(conn, status_interval)
-
-    @property
-    def confirmed(self) -> int:
-        return self._confirmed
-
-    async def identify_system(self) -> SystemInfo:
-        cur = await self._conn.execute("IDENTIFY_SYSTEM")
-        row = await cur.fetchone()
-        if row is None:
-            raise ProtocolError("IDENTIFY_SYSTEM returned no row")
-        return SystemInfo(str(row[0]), int(row[1]), LSN.parse(row[2]), row[3])
 
     async def create_slot(self, slot: str, temporary: bool = False) -> LSN:
         """Create a pgoutput slot on this connection; returns its consistent point."""
@@ -148,16 +127,13 @@ class ReplicationStream:
         Keepalives are handled here; status updates go out when due while waiting.
         """
         out: list[bytes] = []
-        while not out:
-            self._drain(out, max_messages)
-            if out:
-                break
-            await self._maybe_send_status()
-            self._readable.clear()
+        while True:
+            self._readable.clear()  # before reading, so that no wake-up is missed
             self._consume()
             self._drain(out, max_messages)
             if out:
                 break
+            await self._maybe_send_status()
             # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation.
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self._wait_time()):
@@ -182,7 +158,7 @@ class ReplicationStream:
             if nbytes == 0:
                 break
             if nbytes < 0:
-                self._end_of_stream(nbytes)
+                self._end_of_stream()
             kind = data[0]
             if kind == _XLOGDATA:
                 append(bytes(data[25:]))
@@ -212,7 +188,7 @@ class ReplicationStream:
         if reply:
             self._send_status()
 
-    def _end_of_stream(self, nbytes: int) -> None:
+    def _end_of_stream(self) -> None:
         self._streaming = False
         self._remove_reader()
         res = self._pgconn.get_result()
@@ -242,7 +218,6 @@ class ReplicationStream:
             queued = self._pgconn.put_copy_data(msg)
         if queued != 1:
             raise ConnectionLost(f"cannot send status update: {self._error_message()}")
-        self._reported = flushed
         self._last_status = time.monotonic()
 
     async def _flush(self) -> None:
@@ -254,11 +229,6 @@ class ReplicationStream:
                 await writable.wait()
             finally:
                 loop.remove_writer(self._pgconn.socket)
-
-    async def send_status(self) -> None:
-        """Report the confirmed position now."""
-        self._send_status()
-        await self._flush()
 
     def _remove_reader(self) -> None:
         # Always before the socket closes: a stale registration would capture whatever file
