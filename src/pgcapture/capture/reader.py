@@ -47,7 +47,7 @@ class SlotReader:
 
     async def open(self) -> None:
         async with await psycopg.AsyncConnection.connect(self.dsn, autocommit=True) as conn:
-            info = await prepare_source(
+            slot_lsn = await prepare_source(
                 conn, self.slot, self.publication, self.tables, create=not self.temporary
             )
         stream = await ReplicationStream.connect(self.dsn, self.status_interval)
@@ -55,8 +55,8 @@ class SlotReader:
             if self.temporary:
                 self.start_lsn = await stream.create_slot(self.slot, temporary=True)
             else:
-                assert info.slot_lsn is not None
-                self.start_lsn = info.slot_lsn
+                assert slot_lsn is not None
+                self.start_lsn = slot_lsn
             # Binary values wherever the type has a binary send function; the server falls
             # back to text per column otherwise (contract 3).
             options = {

@@ -12,7 +12,6 @@ data. Without a table list it is ``FOR ALL TABLES``; with one, it is kept equal 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any, Final
 
 import psycopg
@@ -26,18 +25,6 @@ MIN_SERVER_VERSION: Final = 140000  # binary values in pgoutput
 DDL_TABLE: Final = ("pgcapture", "ddl_logs")
 
 AsyncConn = psycopg.AsyncConnection[Any]
-
-
-@dataclass(frozen=True, slots=True)
-class SourceInfo:
-    server_version: int
-    slot_lsn: LSN | None  # confirmed_flush_lsn of an existing slot
-
-
-async def _scalar(conn: AsyncConn, query: str, *params: object) -> Any:
-    cur = await conn.execute(query, params or None)
-    row = await cur.fetchone()
-    return None if row is None else row[0]
 
 
 def server_problem(version_num: int, version: str, wal_level: str) -> str | None:
@@ -55,7 +42,7 @@ def server_problem(version_num: int, version: str, wal_level: str) -> str | None
     return None
 
 
-async def check_server(conn: AsyncConn) -> int:
+async def check_server(conn: AsyncConn) -> None:
     cur = await conn.execute(
         "SELECT current_setting('server_version_num')::int, current_setting('server_version'), "
         "current_setting('wal_level')"
@@ -65,7 +52,6 @@ async def check_server(conn: AsyncConn) -> int:
     problem = server_problem(*row)
     if problem:
         raise UnsupportedServer(problem)
-    return int(row[0])
 
 
 async def check_role(conn: AsyncConn) -> None:
@@ -115,14 +101,22 @@ async def ensure_publication(
     wanted_all = tables is None
     pub = sql.Identifier(name)
     try:
-        if row is not None and row[0] != wanted_all:
-            await conn.execute(sql.SQL("DROP PUBLICATION {}").format(pub))
-            row = None
-        if row is None:
-            await conn.execute(_create_publication(pub, tables))
-        elif tables is not None and set(await _published(conn, name)) != _with_ddl(tables):
-            target = sql.SQL(", ").join(sql.Identifier(*t) for t in sorted(_with_ddl(tables)))
-            await conn.execute(sql.SQL("ALTER PUBLICATION {} SET TABLE {}").format(pub, target))
+        # One transaction: a failure never leaves the source without its publication.
+        async with conn.transaction():
+            if row is not None and row[0] != wanted_all:
+                await conn.execute(sql.SQL("DROP PUBLICATION {}").format(pub))
+                row = None
+            if tables is None:
+                if row is None:
+                    await conn.execute(sql.SQL("CREATE PUBLICATION {} FOR ALL TABLES").format(pub))
+            elif row is None:
+                await conn.execute(
+                    sql.SQL("CREATE PUBLICATION {} FOR TABLE {}").format(pub, _table_list(tables))
+                )
+            elif set(await _published(conn, name)) != _with_ddl(tables):
+                await conn.execute(
+                    sql.SQL("ALTER PUBLICATION {} SET TABLE {}").format(pub, _table_list(tables))
+                )
     except psycopg.errors.InsufficientPrivilege as exc:
         raise PermissionDenied(
             f"cannot create or change publication {name!r}: {exc}; {_publication_fix(wanted_all)}"
@@ -143,11 +137,9 @@ def _with_ddl(tables: list[tuple[str, str]]) -> set[tuple[str, str]]:
     return {*tables, DDL_TABLE}
 
 
-def _create_publication(pub: sql.Identifier, tables: list[tuple[str, str]] | None) -> sql.Composed:
-    if tables is None:
-        return sql.SQL("CREATE PUBLICATION {} FOR ALL TABLES").format(pub)
-    target = sql.SQL(", ").join(sql.Identifier(*t) for t in sorted(_with_ddl(tables)))
-    return sql.SQL("CREATE PUBLICATION {} FOR TABLE {}").format(pub, target)
+def _table_list(tables: list[tuple[str, str]]) -> sql.Composed:
+    """The listed tables and pgcapture.ddl_logs, quoted, for FOR TABLE / SET TABLE."""
+    return sql.SQL(", ").join(sql.Identifier(*t) for t in sorted(_with_ddl(tables)))
 
 
 async def _published(conn: AsyncConn, name: str) -> list[tuple[str, str]]:
@@ -207,11 +199,12 @@ async def prepare_source(
     publication: str,
     tables: Sequence[str] | None,
     create: bool = True,
-) -> SourceInfo:
+) -> LSN | None:
     """Check the server, install DDL capture if it is missing or outdated, ensure the
-    publication and (unless ``create`` is false, for temporary slots) the slot. ``conn`` must
-    be in autocommit mode."""
-    version = await check_server(conn)
+    publication and (unless ``create`` is false, for temporary slots) the slot; returns the
+    slot's confirmed position, None when there is no slot. ``conn`` must be in autocommit
+    mode."""
+    await check_server(conn)
     await check_role(conn)
     resolved = await resolve_tables(conn, tables) if tables else None
     await ensure_ddl_capture(conn)
@@ -219,4 +212,4 @@ async def prepare_source(
     position = await slot_position(conn, slot)
     if position is None and create:
         position = await create_slot(conn, slot)
-    return SourceInfo(version, position)
+    return position
