@@ -38,19 +38,19 @@ def record_json(record: Record) -> str:
 async def run_tail(reader: SlotReader, out: IO[str], stop: asyncio.Event) -> None:
     """Print records until ``stop`` is set; confirm each transaction once printed."""
     await reader.open()
+    stopped = asyncio.ensure_future(stop.wait())
     try:
-        while not stop.is_set():
+        while True:
             read = asyncio.ensure_future(reader.read())
-            stopped = asyncio.ensure_future(stop.wait())
             await asyncio.wait({read, stopped}, return_when=asyncio.FIRST_COMPLETED)
             if not read.done():
                 read.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await read
                 break
-            stopped.cancel()
             _print_and_confirm(reader, read.result(), out)
     finally:
+        stopped.cancel()
         await reader.close()
 
 
