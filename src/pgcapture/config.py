@@ -129,11 +129,21 @@ class LockConfig(_Section):
     wait: Duration = 0.0
 
 
+class ReplicaConfig(_Section):
+    """``[sources.NAME.replica]``: how ``replicate`` applies the source's stream to a replica."""
+
+    dsn: str = ""
+    max_changes: int = Field(default=20_000, ge=1)
+    max_delay: Duration = 1.0
+    queue_rows: int = Field(default=5_000, ge=1)
+    skip_ddl: list[int] = []
+
+
 class SourceConfig(_Section):
     """``[sources.NAME]``: one source database and its stream."""
 
     name: str = ""
-    dsn: str = Field(min_length=1)
+    dsn: str = ""
     slot: str | None = Field(default=None, pattern=r"^[a-z0-9_]+$")
     publication: str | None = None
     tables: list[str] | None = None
@@ -142,6 +152,7 @@ class SourceConfig(_Section):
     batch: BatchConfig = BatchConfig()
     publish: PublishConfig = PublishConfig()
     lock: LockConfig = LockConfig()
+    replica: ReplicaConfig = ReplicaConfig()
 
     @property
     def slot_name(self) -> str:
@@ -179,15 +190,22 @@ class Config(_Section):
     log: LogConfig = LogConfig()
     sources: dict[str, SourceConfig] = {}
 
-    def source(self, name: str) -> SourceConfig:
+    def source(self, name: str, need_dsn: bool = True) -> SourceConfig:
+        """Source ``name``; ``need_dsn``: its database is connected to, so its dsn is needed."""
         try:
-            return self.sources[name]
+            source = self.sources[name]
         except KeyError:
             known = ", ".join(sorted(self.sources)) or "none"
             raise ConfigError(
                 f"source {name!r} is not configured (configured sources: {known}); add a "
                 f"[sources.{name}] section with its dsn, or pass --dsn"
             ) from None
+        if need_dsn and not source.dsn:
+            raise ConfigError(
+                f"invalid configuration: sources.{name}.dsn: required but not set; "
+                + _missing_hint(("sources", name, "dsn"))
+            )
+        return source
 
 
 _PATTERN_HINTS: Final = {

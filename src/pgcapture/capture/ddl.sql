@@ -14,6 +14,9 @@
 DROP EVENT TRIGGER IF EXISTS pgcapture_ddl_command_start;
 DROP EVENT TRIGGER IF EXISTS pgcapture_sql_drop;
 DROP EVENT TRIGGER IF EXISTS pgcapture_ddl_command_end;
+-- signatures of earlier versions
+DROP FUNCTION IF EXISTS pgcapture.write_log(jsonb, text, jsonb);
+DROP FUNCTION IF EXISTS pgcapture.handle_failure(text, text, text);
 
 CREATE SCHEMA IF NOT EXISTS pgcapture;
 -- Which version of this script is installed (the installer fills in a hash of the script).
@@ -870,7 +873,7 @@ END
 $fn$;
 
 -- Inserts the log row. activity has the Go extension's fields (from pg_stat_activity) and ours.
-CREATE OR REPLACE FUNCTION pgcapture.write_log(e jsonb, phase text, objects jsonb)
+CREATE OR REPLACE FUNCTION pgcapture.write_log(e jsonb, phase text, objects jsonb, user_path text)
 RETURNS void
 LANGUAGE sql VOLATILE
 SET search_path = pg_catalog, pg_temp
@@ -881,6 +884,7 @@ AS $fn$
                'application_name', a.application_name, 'client_addr', a.client_addr,
                'backend_start', a.backend_start, 'xact_start', a.xact_start,
                'top_level_query', current_query(), 'nested', e ->> 'source' <> 'top',
+               'search_path', user_path,
                'exact', coalesce((e ->> 'exact')::boolean, false), 'phase', phase,
                'objects', (SELECT coalesce(jsonb_agg(jsonb_build_object(
                                   'object_type', o ->> 'object_type',
@@ -921,7 +925,7 @@ BEGIN
             e ->> 'query', pgcapture.creates_in_temp_schema(user_path)) THEN
         RETURN e || '{"skip": "temporary"}';
     END IF;
-    PERFORM pgcapture.write_log(e, 'start', '[]');
+    PERFORM pgcapture.write_log(e, 'start', '[]', user_path);
     RETURN e || '{"logged": true}';
 END
 $fn$;
@@ -995,14 +999,15 @@ BEGIN
     IF e IS NOT NULL THEN
         PERFORM pgcapture.write_log(e, 'end', CASE WHEN tag LIKE 'DROP %'
                                                    THEN coalesce(e -> 'dropped', '[]')
-                                                   ELSE objs END);
+                                                   ELSE objs END, user_path);
     END IF;
 END
 $fn$;
 
 -- When a handler fails (a bug, a damaged install), the DDL must still succeed and must still be
 -- logged: log the whole query string with exact = false; warn when even that fails.
-CREATE OR REPLACE FUNCTION pgcapture.handle_failure(phase text, tag text, err text)
+CREATE OR REPLACE FUNCTION pgcapture.handle_failure(phase text, tag text, err text,
+                                                    user_path text)
 RETURNS void
 LANGUAGE plpgsql VOLATILE
 SET search_path = pg_catalog, pg_temp
@@ -1016,7 +1021,7 @@ BEGIN
     st := pgcapture.state_load();
     IF phase = 'start' THEN
         IF tag IN ('CREATE TABLE AS', 'SELECT INTO') THEN
-            PERFORM pgcapture.write_log(e, 'start', '[]');
+            PERFORM pgcapture.write_log(e, 'start', '[]', user_path);
             e := e || '{"logged": true}';
         END IF;
         PERFORM pgcapture.state_save(
@@ -1027,7 +1032,7 @@ BEGIN
             PERFORM pgcapture.state_save(st #- '{open, -1}');
         END IF;
         IF NOT coalesce(top ->> 'tag' = tag AND (top ? 'skip' OR top ? 'logged'), false) THEN
-            PERFORM pgcapture.write_log(e, 'end', '[]');
+            PERFORM pgcapture.write_log(e, 'end', '[]', user_path);
         END IF;
     END IF;
 EXCEPTION WHEN OTHERS THEN
@@ -1057,7 +1062,7 @@ BEGIN
     BEGIN
         PERFORM pgcapture.handle_start(ctx, tg_tag, user_path);
     EXCEPTION WHEN OTHERS THEN
-        PERFORM pgcapture.handle_failure('start', tg_tag, SQLERRM);
+        PERFORM pgcapture.handle_failure('start', tg_tag, SQLERRM, user_path);
     END;
     PERFORM pg_catalog.set_config('search_path', user_path, true);
 END
@@ -1096,7 +1101,7 @@ BEGIN
     BEGIN
         PERFORM pgcapture.handle_end(ctx, tg_tag, user_path);
     EXCEPTION WHEN OTHERS THEN
-        PERFORM pgcapture.handle_failure('end', tg_tag, SQLERRM);
+        PERFORM pgcapture.handle_failure('end', tg_tag, SQLERRM, user_path);
     END;
     PERFORM pg_catalog.set_config('search_path', user_path, true);
 END

@@ -1,0 +1,102 @@
+"""``pgcapture replicate``: keep a replica database equal to the source, from the source's stream.
+
+Settings come from the configuration file (``--config`` or ``$PGCAPTURE_CONFIG``), then
+``PGCAPTURE_<SECTION>__<KEY>`` environment variables, then these flags (docs/configuration.md);
+the replica's connection string is ``--dsn`` or ``[sources.NAME.replica] dsn``. SIGINT/SIGTERM
+stop it cleanly: complete source transactions are committed, the rest is applied next time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import click
+
+from pgcapture.cli.capture import _pick_source
+from pgcapture.config import Config, load_config, parse_value
+from pgcapture.errors import ConfigError
+from pgcapture.ops.logs import setup_logging
+from pgcapture.replica.service import serve_replicate
+
+
+def _overrides(source: str, flags: dict[str, Any], settings: tuple[str, ...]) -> dict[str, Any]:
+    rep = f"sources.{source}.replica"
+    out: dict[str, Any] = {
+        "nats.url": flags["nats"],
+        f"{rep}.dsn": flags["dsn"],
+        f"{rep}.max_changes": flags["max_changes"],
+        f"{rep}.max_delay": flags["max_delay"],
+        f"{rep}.skip_ddl": list(flags["skip_ddl"]) or None,
+        "metrics.listen": flags["metrics_listen"],
+        "log.level": flags["log_level"],
+        "log.format": flags["log_format"],
+    }
+    for setting in settings:
+        key, sep, value = setting.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {setting!r} is not KEY=VALUE, e.g. --set log.level=debug")
+        out[key.strip()] = parse_value(value)
+    return out
+
+
+@click.command()
+@click.option(
+    "--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
+    envvar="PGCAPTURE_CONFIG", help="Configuration file (TOML). Env: PGCAPTURE_CONFIG.",
+)  # fmt: skip
+@click.option("--source", help="Source name (a [sources.NAME] section; names the stream).")
+@click.option("--dsn", help="libpq connection string of the replica database.")
+@click.option("--nats", help="NATS server URL(s), comma-separated.")
+@click.option(
+    "--from-start", is_flag=True,
+    help="A replica without a position starts at the stream's beginning (it must then hold "
+    "the source's schema as it was when capture started).",
+)  # fmt: skip
+@click.option(
+    "--skip-ddl", type=int, multiple=True, metavar="ID",
+    help="Do not replay this pgcapture.ddl_logs row (its effect was applied by hand).",
+)  # fmt: skip
+@click.option("--max-changes", type=int, help="Changes per replica transaction (default 20000).")
+@click.option("--max-delay", help='How long a replica transaction may stay open, e.g. "1s".')
+@click.option("--metrics-listen", help='HOST:PORT for /metrics and /healthz, e.g. ":9188".')
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]))
+@click.option("--log-format", type=click.Choice(["json", "text"]))
+@click.option(
+    "--set", "settings", multiple=True, metavar="KEY=VALUE",
+    help="Any configuration key, e.g. --set sources.app.replica.max_delay=500ms (repeatable).",
+)  # fmt: skip
+def replicate(
+    config_path: Path | None,
+    source: str | None,
+    from_start: bool,
+    settings: tuple[str, ...],
+    **flags: Any,
+) -> None:
+    """Apply a source's stream to a replica database, exactly once, DDL included.
+
+    \b
+    Examples:
+      pgcapture replicate --nats nats://127.0.0.1:4222 --source app --dsn "dbname=replica"
+      pgcapture replicate --config pgcapture.toml --source app --metrics-listen :9188
+    """
+    name = _pick_source(config_path, source)
+    config = load_config(config_path, os.environ, _overrides(name, flags, settings))
+    src = config.source(name, need_dsn=False)
+    if not src.replica.dsn:
+        raise ConfigError(
+            f"no replica to apply to: pass --dsn REPLICA_DSN or set dsn in [sources.{name}.replica]"
+        )
+    setup_logging(config.log.level, config.log.format)
+    asyncio.run(_main(config, name, from_start))
+
+
+async def _main(config: Config, name: str, from_start: bool) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await serve_replicate(config, config.source(name, need_dsn=False), stop, from_start)

@@ -1,0 +1,1 @@
+"""Replica sync: a source's stream applied to a logical replica, exactly once."""

@@ -1,0 +1,421 @@
+"""Applying a source's stream to the replica, exactly once (DESIGN.md, contract 5).
+
+``Applier`` takes the stream's stored batches in order and keeps one replica transaction open
+across several source transactions. It commits, with ``pgcapture.advance_source`` moving the
+replica's position to the last source transaction it holds, when the stream has nothing more
+waiting, when the transaction holds ``max_changes`` changes or is ``max_delay`` old, and right
+after a source transaction with DDL (so that, e.g., an enum value added by one transaction can
+be used by the next). Source transactions at or below the position are skipped, so a restart
+after a crash at any point applies each of them exactly once.
+
+Within a replica transaction, changes are queued per table and sent as batched statements
+(``pgcapture.replica.plans``): a table's changes keep their order, while changes to different
+tables may be sent in another order than they were made. Nothing can observe the difference:
+other sessions see only the committed result, foreign keys and ordinary triggers do not fire
+under ``session_replication_role = replica``, and a DDL statement or a TRUNCATE first sends
+everything queued before it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Final
+
+from pgcapture.errors import ProtocolError
+from pgcapture.log.reader import StoredBatch
+from pgcapture.lsn import format_lsn
+from pgcapture.proto import pb
+from pgcapture.replica.catalog import Catalog, Table, quote_ident
+from pgcapture.replica.ddl import Ddl, decide
+from pgcapture.replica.pipeline import Expect, Pipeline
+from pgcapture.replica.plans import (
+    Plan,
+    SchemaMismatch,
+    Shape,
+    binary_array,
+    delete_plan,
+    insert_plan,
+    update_plan,
+)
+from pgcapture.replica.store import Position
+
+log = logging.getLogger("pgcapture.replicate")
+
+_EPOCH: Final = datetime(2000, 1, 1, tzinfo=UTC)
+_INSERT, _UPDATE, _DELETE = pb.Change.INSERT, pb.Change.UPDATE, pb.Change.DELETE
+_ADVANCE: Final = b"SELECT pgcapture.advance_source($1, $2::pg_lsn, $3::pg_lsn, $4, $5)"
+_SET_PATH: Final = b"SELECT pg_catalog.set_config('search_path', $1, true)"
+_RESOLVE: Final = (
+    b"SELECT n.nspname, c.relname FROM pg_catalog.pg_class c "
+    b"JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
+    b"WHERE c.oid = pg_catalog.to_regclass($1)"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ApplySettings:
+    max_changes: int = 20_000  # changes per replica transaction (at a source commit)
+    max_delay: float = 1.0  # seconds a replica transaction may stay open under load
+    queue_rows: int = 5_000  # changes queued before they are sent (memory bound)
+    skip_ddl: frozenset[int] = frozenset()
+
+
+@dataclass(slots=True)
+class Applied:
+    """What one replica commit made durable."""
+
+    lsn: int
+    stream_seq: int
+    commit_time: int  # source commit time, microseconds since 2000-01-01 UTC
+    transactions: int
+    changes: int
+
+
+def source_time(micros: int) -> datetime:
+    return _EPOCH + timedelta(microseconds=micros)
+
+
+class _Run:
+    """Consecutive changes of one shape to one table, sent as one statement when possible."""
+
+    __slots__ = ("first", "keyed", "last", "plan", "rows")
+
+    def __init__(self, plan: Plan, lsn: int) -> None:
+        self.plan = plan
+        self.rows: list[list[bytes | None]] = []
+        self.keyed: dict[tuple[bytes | None, ...], list[bytes | None]] = {}
+        self.first = self.last = lsn
+
+    def add(self, params: list[bytes | None], lsn: int) -> None:
+        self.last = lsn
+        if self.plan.kind in ("update", "delete"):
+            key = tuple(params[: self.plan.nkey])
+            self.keyed.pop(key, None)  # a later update of the same row wins
+            self.keyed[key] = params
+        else:
+            self.rows.append(params)
+
+    def __len__(self) -> int:
+        return len(self.rows) + len(self.keyed)
+
+    def send(self, pipe: Pipeline) -> None:
+        plan = self.plan
+        if not pipe.is_prepared(plan.name):
+            pipe.prepare(plan.name, plan.sql, plan.types, lambda: f"preparing {plan.describe()}")
+        rows = list(self.keyed.values()) if self.keyed else self.rows
+        span = (
+            f"source transactions {format_lsn(self.first)}..{format_lsn(self.last)}"
+            if self.first != self.last
+            else f"source transaction {format_lsn(self.first)}"
+        )
+        if plan.batched:
+            arrays = [
+                binary_array(elem, [row[i] for row in rows])
+                for i, elem in enumerate(plan.elem_types)
+            ]
+            count = len(rows)
+            pipe.execute(
+                plan.name, arrays, [1] * len(arrays),
+                Expect(lambda: f"{count} x {plan.describe()} ({span})", count),
+            )  # fmt: skip
+            return
+        for row in rows:
+            pipe.execute(
+                plan.name, row, plan.formats, Expect(lambda: f"{plan.describe()} ({span})", 1)
+            )
+
+
+def _image(fields: object) -> tuple[Shape, list[bytes | None]]:
+    shape: list[tuple[str, int, bool]] = []
+    values: list[bytes | None] = []
+    for f in fields:  # type: ignore[attr-defined]
+        kind = f.WhichOneof("value")
+        if kind == "binary":
+            shape.append((f.name, f.oid, False))
+            values.append(f.binary)
+        elif kind is None:
+            shape.append((f.name, f.oid, False))
+            values.append(None)
+        else:
+            shape.append((f.name, f.oid, True))
+            values.append(f.text.encode())
+    return tuple(shape), values
+
+
+class Applier:
+    """The apply loop's state on one replica session (``Pipeline`` in pipeline mode)."""
+
+    def __init__(
+        self,
+        pipe: Pipeline,
+        position: Position,
+        settings: ApplySettings,
+        on_commit: Callable[[Applied], None] | None = None,
+        search_path: str = "public",
+    ) -> None:
+        self._pipe = pipe
+        self._catalog = Catalog()
+        self._source = position.source
+        self._settings = settings
+        self._on_commit = on_commit
+        self._search_path = search_path
+        self.applied: int = position.lsn  # committed on the replica
+        self._done: int = position.lsn  # last source transaction fully sent
+        self._done_seq = position.stream_seq
+        self._done_time = 0
+        self._open = False
+        self._opened_at = 0.0
+        self._transactions = 0
+        self._changes = 0
+        self._in_tx = False
+        self._tx_lsn = 0
+        self._tx_ddl = False
+        self._creates: set[tuple[str, str]] = set()
+        self._queues: dict[tuple[str, str], list[_Run]] = {}
+        self._queued = 0
+        self._plans: dict[tuple[object, ...], Plan] = {}
+
+    @property
+    def pending(self) -> bool:
+        """Whether source transactions were sent that are not committed yet."""
+        return self._transactions > 0
+
+    async def apply(self, batch: StoredBatch, more: bool) -> None:
+        """Apply one stored batch; ``more`` says whether the next one is already waiting."""
+        for record in batch.records:
+            lsn = record.lsn
+            if lsn <= self._done:
+                continue  # applied before (resuming inside a stored batch)
+            msg = pb.Message.FromString(record.message)
+            kind = msg.WhichOneof("type")
+            if kind == "change":
+                if not self._in_tx:
+                    raise self._outside(record.lsn, record.seq)
+                await self._change(msg.change, lsn)
+            elif kind == "begin":
+                if self._in_tx:
+                    raise ProtocolError(
+                        f"stream message {batch.seq}: transaction {format_lsn(lsn)} begins "
+                        f"before transaction {format_lsn(self._tx_lsn)} committed"
+                    )
+                await self._begin(lsn)
+            elif kind == "commit":
+                if not self._in_tx:
+                    raise self._outside(record.lsn, record.seq)
+                await self._commit_tx(lsn, batch.seq, msg.commit.commit_time)
+            elif kind == "truncate":
+                if not self._in_tx:
+                    raise self._outside(record.lsn, record.seq)
+                await self._truncate(msg.truncate)
+        if not more and not self._in_tx and self._transactions:
+            await self.commit()
+
+    async def idle(self) -> None:
+        """Nothing came for a while: commit what is complete."""
+        if not self._in_tx and self._transactions:
+            await self.commit()
+
+    def _outside(self, lsn: int, seq: int) -> ProtocolError:
+        return ProtocolError(
+            f"the stream holds record {format_lsn(lsn)}#{seq} outside any transaction: it starts "
+            "inside a transaction whose beginning is no longer stored"
+        )
+
+    async def _begin(self, lsn: int) -> None:
+        self._in_tx = True
+        self._tx_lsn = lsn
+        self._tx_ddl = False
+        if not self._open:
+            self._pipe.query(b"BEGIN", expect=Expect("BEGIN"))
+            self._open = True
+            self._opened_at = time.monotonic()
+
+    async def _commit_tx(self, lsn: int, stream_seq: int, commit_time: int) -> None:
+        self._in_tx = False
+        self._creates.clear()
+        self._done = lsn
+        self._done_seq = stream_seq
+        self._done_time = commit_time
+        self._transactions += 1
+        if (
+            self._tx_ddl
+            or self._changes + self._queued >= self._settings.max_changes
+            or time.monotonic() - self._opened_at >= self._settings.max_delay
+        ):
+            await self.commit()
+
+    async def commit(self) -> None:
+        """Send what is queued, move the position and commit; raises if anything failed."""
+        if not self._open:
+            return
+        await self._send_queued()
+        when = source_time(self._done_time).isoformat() if self._done_time else None
+        self._pipe.query(
+            _ADVANCE,
+            [
+                self._source.encode(), format_lsn(self.applied).encode(),
+                format_lsn(self._done).encode(), str(self._done_seq).encode(),
+                when.encode() if when else None,
+            ],
+            expect=Expect("moving the replica position"),
+        )  # fmt: skip
+        await self._pipe.sync()
+        self._pipe.query(b"COMMIT", expect=Expect("COMMIT"))
+        await self._pipe.sync()
+        applied = Applied(
+            self._done, self._done_seq, self._done_time, self._transactions, self._changes
+        )
+        self.applied = self._done
+        self._open = False
+        self._transactions = 0
+        self._changes = 0
+        if self._on_commit is not None:
+            self._on_commit(applied)
+
+    # ---- changes -----------------------------------------------------------------------------
+
+    async def _change(self, change: pb.Change, lsn: int) -> None:
+        schema, name = change.schema, change.table
+        if schema == "pgcapture":
+            if name == "ddl_logs" and change.op == _INSERT:
+                await self._ddl(decide(change, self._settings.skip_ddl))
+            return  # pgcapture's own tables are not replicated
+        key = (schema, name)
+        if self._creates and key in self._creates:
+            # the source's rows of a table made by CREATE TABLE AS replace the replica's own
+            self._creates.discard(key)
+            await self._send_queued()
+            table = await self._table(schema, name)
+            self._pipe.query(
+                f"DELETE FROM ONLY {table.qualified}".encode(),
+                expect=Expect(f"emptying {table.label} for the source's rows"),
+            )
+        op = change.op
+        new_shape, new = _image(change.new)
+        old_shape, old = _image(change.old) if len(change.old) else ((), [])
+        plan_key: tuple[object, ...] = (schema, name, op, new_shape, old_shape)
+        plan = self._plans.get(plan_key)
+        if plan is None:
+            plan = await self._compile(plan_key, schema, name, op, new_shape, old_shape, False)
+        if plan.key_check and plan.moves_key(new, old):
+            moved = (*plan_key, "key change")
+            plan = self._plans.get(moved) or await self._compile(
+                moved, schema, name, op, new_shape, old_shape, True
+            )
+        params = plan.params(new, old)
+        runs = self._queues.get(key)
+        if runs is None:
+            runs = self._queues[key] = []
+        if runs and runs[-1].plan is plan and plan.batched:
+            runs[-1].add(params, lsn)
+        else:
+            run = _Run(plan, lsn)
+            run.add(params, lsn)
+            runs.append(run)
+        self._queued += 1
+        if self._queued >= self._settings.queue_rows:
+            await self._send_queued()
+
+    async def _compile(
+        self,
+        plan_key: tuple[object, ...],
+        schema: str,
+        name: str,
+        op: int,
+        new: Shape,
+        old: Shape,
+        key_changes: bool,
+    ) -> Plan:
+        table = await self._table(schema, name)
+        if op == _INSERT:
+            plan = insert_plan(table, new)
+        elif op == _UPDATE:
+            plan = update_plan(table, new, old, key_changes)
+        elif op == _DELETE:
+            plan = delete_plan(table, old)
+        else:
+            raise ProtocolError(f"change of unknown operation {op} to {schema}.{name}")
+        self._plans[plan_key] = plan
+        return plan
+
+    async def _table(self, schema: str, name: str) -> Table:
+        table = self._catalog.cached(schema, name) or await self._catalog.table(
+            self._pipe, schema, name
+        )
+        if table is None:
+            raise SchemaMismatch(
+                f"table {schema}.{name} receives changes but does not exist on the replica: "
+                "the replica's schema differs from the source's (was it bootstrapped from the "
+                "source, and was every DDL statement replayed?). Create the table as on the "
+                "source, then restart replicate"
+            )
+        return table
+
+    async def _send_queued(self) -> None:
+        if not self._queued:
+            return
+        for runs in self._queues.values():
+            for run in runs:
+                run.send(self._pipe)
+        self._queues.clear()
+        self._changes += self._queued
+        self._queued = 0
+        await self._pipe.push()
+
+    # ---- truncate and DDL ----------------------------------------------------------------------
+
+    async def _truncate(self, truncate: pb.Truncate) -> None:
+        tables = [t for t in truncate.tables if t.schema != "pgcapture"]
+        if not tables:
+            return
+        await self._send_queued()
+        names = ", ".join(f"ONLY {quote_ident(t.schema)}.{quote_ident(t.table)}" for t in tables)
+        sql = f"TRUNCATE {names}"
+        if truncate.restart_identity:
+            sql += " RESTART IDENTITY"
+        if truncate.cascade:
+            sql += " CASCADE"
+        self._pipe.query(sql.encode(), expect=Expect(f"{sql} (transaction {self._tx_lsn:X})"))
+        self._changes += 1
+
+    async def _ddl(self, ddl: Ddl) -> None:
+        if ddl.sql is None:
+            log.info("skipped %s: %s", ddl.describe(), ddl.skip)
+            return
+        await self._send_queued()
+        pipe = self._pipe
+        if ddl.search_path is not None:
+            pipe.query(_SET_PATH, [ddl.search_path.encode()], expect=Expect("setting search_path"))
+        pipe.query(
+            ddl.sql.encode(),
+            expect=Expect(
+                lambda: (
+                    f"{ddl.describe()}; if the replica cannot run it, apply its effect by "
+                    f"hand and restart replicate with --skip-ddl {ddl.id}"
+                )
+            ),
+        )
+        if ddl.creates is not None:
+            schema, rel = ddl.creates
+            name = f"{quote_ident(schema)}.{quote_ident(rel)}" if schema else quote_ident(rel)
+            found = pipe.query(
+                _RESOLVE, [name.encode()], expect=Expect("finding the new table", keep=True)
+            )
+            await pipe.sync()
+            res = found.result
+            if res is not None and res.ntuples:
+                self._creates.add(
+                    ((res.get_value(0, 0) or b"").decode(), (res.get_value(0, 1) or b"").decode())
+                )
+        pipe.query(_SET_PATH, [self._search_path.encode()], expect=Expect("resetting search_path"))
+        pipe.query(b"DEALLOCATE ALL", expect=Expect("DEALLOCATE ALL"))
+        pipe.forget_prepared()
+        self._catalog.clear()
+        self._plans.clear()
+        self._tx_ddl = True
+        self._changes += 1
+        log.info("replayed %s", ddl.describe())

@@ -1,0 +1,150 @@
+"""Which captured DDL statements a replica runs, and how (docs/replica.md, "DDL").
+
+A ``pgcapture.ddl_logs`` row (docs/ddl.md) arrives as an insert in the transaction that ran the
+statement, in order with that transaction's data changes. ``decide`` turns it into a ``Ddl``:
+the exact captured text to run, under the ``search_path`` the statement ran with, or a reason to
+skip it. The rules:
+
+* ``exact = false`` rows are never run: the text may hold statements that did not run on the
+  source. Replication stops with ``DdlNotReplayable`` naming the row; after applying its effect
+  by hand, the operator lets replication go on with ``--skip-ddl ID``.
+* Skipped: REFRESH MATERIALIZED VIEW (materialized views are not replicated; refreshing them
+  would lock them and recompute from the replica), CREATE/ALTER/DROP PUBLICATION and
+  SUBSCRIPTION (replication settings of the source, not schema), statements whose objects all
+  live in the ``pgcapture`` schema, and rows listed in ``--skip-ddl``.
+* ``CONCURRENTLY`` is dropped from CREATE INDEX and DROP INDEX: the statement then runs inside
+  the apply transaction, atomically with the replica position, instead of needing a transaction
+  of its own (the replica has no writers to keep going meanwhile).
+* CREATE TABLE AS and SELECT INTO create and fill the table from the replica's own data; when
+  the source's rows for the new table follow in the same transaction, they replace those
+  (``creates``), so the replica holds the source's rows even for a query that would give other
+  rows when run again.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from typing import Any, Final
+
+from pglast import ast, parse_sql
+from pglast.enums import ObjectType
+from pglast.stream import RawStream
+
+from pgcapture.proto import pb
+from pgcapture.replica.store import ReplicaError
+
+_I32 = struct.Struct(">i")
+_SKIP_DROP: Final = frozenset({ObjectType.OBJECT_PUBLICATION, ObjectType.OBJECT_SUBSCRIPTION})
+_SKIP_NODES: Final = (
+    ast.RefreshMatViewStmt,
+    ast.CreatePublicationStmt,
+    ast.AlterPublicationStmt,
+    ast.CreateSubscriptionStmt,
+    ast.AlterSubscriptionStmt,
+    ast.DropSubscriptionStmt,
+)
+
+
+class DdlNotReplayable(ReplicaError):
+    """A captured DDL statement cannot be run automatically; the message says what to do."""
+
+
+@dataclass(frozen=True, slots=True)
+class Ddl:
+    """One captured statement, decided: ``sql`` to run (None: skipped for ``skip``)."""
+
+    id: int
+    query: str | None
+    sql: str | None
+    search_path: str | None
+    skip: str | None = None
+    creates: tuple[str | None, str] | None = None  # CTAS / SELECT INTO target (schema, name)
+
+    def describe(self) -> str:
+        text = " ".join((self.query or "").split())
+        return f"DDL row {self.id} ({text[:200]}{'...' if len(text) > 200 else ''})"
+
+
+def ddl_row(change: pb.Change) -> tuple[int, str | None, dict[str, Any]]:
+    """``(id, query, activity)`` of a ``pgcapture.ddl_logs`` insert (binary values)."""
+    values = {f.name: f for f in change.new}
+    try:
+        ident = _I32.unpack(values["id"].binary)[0]
+    except (KeyError, struct.error):
+        raise ReplicaError(
+            "a pgcapture.ddl_logs row without a readable id reached the replica; the source's "
+            "DDL capture is not pgcapture's (reinstall it with pgcapture capture)"
+        ) from None
+    query_field = values.get("query")
+    query = _text(query_field) if query_field is not None else None
+    activity: dict[str, Any] = {}
+    field = values.get("activity")
+    raw = _text(field) if field is not None else None
+    if raw:
+        if field is not None and field.WhichOneof("value") == "binary":
+            raw = raw[1:]  # jsonb's binary format: a version byte, then the text
+        try:
+            activity = json.loads(raw)
+        except ValueError:
+            activity = {}
+    return ident, query, activity
+
+
+def _text(field: pb.Field) -> str | None:
+    kind = field.WhichOneof("value")
+    if kind == "binary":
+        return field.binary.decode("utf-8", "replace")
+    if kind == "text":
+        return field.text
+    return None
+
+
+def decide(change: pb.Change, skip_ids: frozenset[int] = frozenset()) -> Ddl:
+    ident, query, activity = ddl_row(change)
+    search_path = activity.get("search_path")
+    path = search_path if isinstance(search_path, str) else None
+
+    def skipped(reason: str) -> Ddl:
+        return Ddl(ident, query, None, path, reason)
+
+    if query is None or not query.strip():
+        return skipped("the row holds no statement")
+    if ident in skip_ids:
+        return skipped("listed in --skip-ddl")
+    if not activity.get("exact", False):
+        row = Ddl(ident, query, None, path)
+        raise DdlNotReplayable(
+            f"{row.describe()} is not known to be exactly the statement that ran on the source "
+            f"({activity.get('reason') or 'no reason recorded'}), so it is not replayed. Apply "
+            f"its effect to the replica by hand, then restart replicate with --skip-ddl {ident}"
+        )
+    objects = activity.get("objects") or []
+    if objects and all(
+        isinstance(o, dict) and o.get("schema_name") == "pgcapture" for o in objects
+    ):
+        return skipped("it changes only pgcapture's own objects")
+    try:
+        statements = parse_sql(query)
+    except Exception:  # the server ran it: let the replica's parser judge
+        return Ddl(ident, query, query, path)
+    if len(statements) != 1:
+        return Ddl(ident, query, query, path)
+    stmt = statements[0].stmt
+    if isinstance(stmt, _SKIP_NODES) or (
+        isinstance(stmt, ast.DropStmt) and stmt.removeType in _SKIP_DROP
+    ):
+        return skipped(f"{type(stmt).__name__} is not replicated")
+    if isinstance(stmt, ast.IndexStmt | ast.DropStmt) and getattr(stmt, "concurrent", False):
+        stmt.concurrent = False
+        return Ddl(ident, query, RawStream()(stmt), path)
+    into = None
+    if isinstance(stmt, ast.CreateTableAsStmt) and stmt.objtype == ObjectType.OBJECT_TABLE:
+        into = stmt.into
+    elif isinstance(stmt, ast.SelectStmt):
+        into = stmt.intoClause
+    creates = None
+    if into is not None and into.rel is not None and into.rel.relname:
+        creates = (into.rel.schemaname or None, str(into.rel.relname))
+    return Ddl(ident, query, query, path, creates=creates)
