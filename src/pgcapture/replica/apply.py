@@ -41,12 +41,14 @@ from pgcapture.replica.plans import (
     insert_plan,
     update_plan,
 )
+from pgcapture.replica.rows import Row, scan_change
 from pgcapture.replica.store import Position
 
 log = logging.getLogger("pgcapture.replicate")
 
 _EPOCH: Final = datetime(2000, 1, 1, tzinfo=UTC)
 _INSERT, _UPDATE, _DELETE = pb.Change.INSERT, pb.Change.UPDATE, pb.Change.DELETE
+_CHANGE_TAG: Final = b"\x1a"  # Message.change = 3, length-delimited
 _ADVANCE: Final = b"SELECT pgcapture.advance_source($1, $2::pg_lsn, $3::pg_lsn, $4, $5)"
 _SET_PATH: Final = b"SELECT pg_catalog.set_config('search_path', $1, true)"
 _RESOLVE: Final = (
@@ -178,6 +180,9 @@ class Applier:
         self._queues: dict[tuple[str, str], list[_Run]] = {}
         self._queued = 0
         self._plans: dict[tuple[object, ...], Plan] = {}
+        # the fast path: (head, shape, new field count) of scan_change -> plan; head -> table
+        self._fast: dict[tuple[bytes, bytes, int], Plan] = {}
+        self._heads: dict[bytes, tuple[str, str]] = {}
 
     @property
     def pending(self) -> bool:
@@ -186,17 +191,33 @@ class Applier:
 
     async def apply(self, batch: StoredBatch, more: bool) -> None:
         """Apply one stored batch; ``more`` says whether the next one is already waiting."""
+        fast, heads = self._fast, self._heads
         for record in batch.records:
             lsn = record.lsn
             if lsn <= self._done:
                 continue  # applied before (resuming inside a stored batch)
-            msg = pb.Message.FromString(record.message)
-            kind = msg.WhichOneof("type")
-            if kind == "change":
+            message = record.message
+            if message[:1] == _CHANGE_TAG:
                 if not self._in_tx:
                     raise self._outside(record.lsn, record.seq)
-                await self._change(msg.change, lsn)
-            elif kind == "begin":
+                row = scan_change(message)
+                if row is not None and not self._creates:
+                    plan = fast.get((row.head, row.shape, len(row.new)))
+                    target = heads.get(row.head)
+                    if (
+                        plan is not None
+                        and target is not None
+                        and not (plan.key_check and plan.moves_key(row.new, row.old))
+                    ):
+                        self._queue(target, plan, row.new, row.old, lsn)
+                        if self._queued >= self._settings.queue_rows:
+                            await self._send_queued()
+                        continue
+                await self._change(pb.Message.FromString(message).change, lsn, row)
+                continue
+            msg = pb.Message.FromString(message)
+            kind = msg.WhichOneof("type")
+            if kind == "begin":
                 if self._in_tx:
                     raise ProtocolError(
                         f"stream message {batch.seq}: transaction {format_lsn(lsn)} begins "
@@ -278,16 +299,37 @@ class Applier:
 
     # ---- changes -----------------------------------------------------------------------------
 
-    async def _change(self, change: pb.Change, lsn: int) -> None:
+    def _queue(
+        self,
+        target: tuple[str, str],
+        plan: Plan,
+        new: list[bytes | None],
+        old: list[bytes | None],
+        lsn: int,
+    ) -> None:
+        params = plan.params(new, old)
+        runs = self._queues.get(target)
+        if runs is None:
+            runs = self._queues[target] = []
+        if runs and runs[-1].plan is plan and plan.batched:
+            runs[-1].add(params, lsn)
+        else:
+            run = _Run(plan, lsn)
+            run.add(params, lsn)
+            runs.append(run)
+        self._queued += 1
+
+    async def _change(self, change: pb.Change, lsn: int, row: Row | None) -> None:
+        """A change off the fast path: its plan is new, or its bytes are laid out otherwise."""
         schema, name = change.schema, change.table
         if schema == "pgcapture":
             if name == "ddl_logs" and change.op == _INSERT:
                 await self._ddl(decide(change, self._settings.skip_ddl))
             return  # pgcapture's own tables are not replicated
-        key = (schema, name)
-        if self._creates and key in self._creates:
+        target = (schema, name)
+        if self._creates and target in self._creates:
             # the source's rows of a table made by CREATE TABLE AS replace the replica's own
-            self._creates.discard(key)
+            self._creates.discard(target)
             await self._send_queued()
             table = await self._table(schema, name)
             self._pipe.query(
@@ -301,22 +343,15 @@ class Applier:
         plan = self._plans.get(plan_key)
         if plan is None:
             plan = await self._compile(plan_key, schema, name, op, new_shape, old_shape, False)
+        if row is not None:
+            self._heads[row.head] = target
+            self._fast[(row.head, row.shape, len(row.new))] = plan
         if plan.key_check and plan.moves_key(new, old):
             moved = (*plan_key, "key change")
             plan = self._plans.get(moved) or await self._compile(
                 moved, schema, name, op, new_shape, old_shape, True
             )
-        params = plan.params(new, old)
-        runs = self._queues.get(key)
-        if runs is None:
-            runs = self._queues[key] = []
-        if runs and runs[-1].plan is plan and plan.batched:
-            runs[-1].add(params, lsn)
-        else:
-            run = _Run(plan, lsn)
-            run.add(params, lsn)
-            runs.append(run)
-        self._queued += 1
+        self._queue(target, plan, new, old, lsn)
         if self._queued >= self._settings.queue_rows:
             await self._send_queued()
 
@@ -416,6 +451,7 @@ class Applier:
         pipe.forget_prepared()
         self._catalog.clear()
         self._plans.clear()
+        self._fast.clear()
         self._tx_ddl = True
         self._changes += 1
         log.info("replayed %s", ddl.describe())

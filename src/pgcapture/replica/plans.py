@@ -29,7 +29,7 @@ import itertools
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Final, Literal
+from typing import Final, Literal, cast
 
 from pgcapture.replica.catalog import FIRST_NORMAL_OID, Column, Fixer, Table, quote_ident
 from pgcapture.replica.store import ReplicaError
@@ -90,11 +90,18 @@ class Plan:
 
 def binary_array(elem_oid: int, values: Sequence[bytes | None]) -> bytes:
     """A one-dimensional array in binary send format, from element values in send format."""
-    has_null = None in values
-    parts = [_ARRAY_HEAD.pack(1, 1 if has_null else 0, elem_oid, len(values), 1)]
+    count = len(values)
+    if None in values:
+        head = _ARRAY_HEAD.pack(1, 1, elem_oid, count, 1)
+        pack = _I32.pack
+        return head + b"".join([_NULL if v is None else pack(len(v)) + v for v in values])
+    head = _ARRAY_HEAD.pack(1, 0, elem_oid, count, 1)
+    present = cast("Sequence[bytes]", values)
+    if count and len(set(map(len, present))) == 1:  # fixed width: one length for all
+        sep = _I32.pack(len(present[0]))
+        return head + sep + sep.join(present)
     pack = _I32.pack
-    parts.extend(_NULL if v is None else pack(len(v)) + v for v in values)
-    return b"".join(parts)
+    return head + b"".join([pack(len(v)) + v for v in present])
 
 
 def _columns(table: Table, shape: Shape, what: str) -> list[Column]:
