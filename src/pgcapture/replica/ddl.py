@@ -118,7 +118,9 @@ def decide(change: pb.Change, skip_ids: frozenset[int] = frozenset()) -> Ddl:
         raise DdlNotReplayable(
             f"{row.describe()} is not known to be exactly the statement that ran on the source "
             f"({activity.get('reason') or 'no reason recorded'}), so it is not replayed. Apply "
-            f"its effect to the replica by hand, then restart replicate with --skip-ddl {ident}"
+            "its effect to the replica by hand (only the schema change: rows it wrote into "
+            "published tables follow in the stream), then restart replicate with "
+            f"--skip-ddl {ident}"
         )
     objects = activity.get("objects") or []
     if objects and all(

@@ -1,0 +1,275 @@
+"""`replicate` against a real source, stream and replica: every row shape, DDL, restarts, errors."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+from collections.abc import AsyncIterator, Iterator
+
+import psycopg
+import pytest
+from log_helpers import capturing, make_config, run_sql
+
+from pgcapture.config import Config
+from pgcapture.errors import ConfigError
+from pgcapture.local import LocalNats, LocalPostgres
+from pgcapture.lsn import LSN
+from pgcapture.replica.ddl import DdlNotReplayable
+from pgcapture.replica.pipeline import ApplyFailed
+from pgcapture.replica.plans import SchemaMismatch
+from pgcapture.replica.service import replicate
+from pgcapture.replica.store import ReplicaBusy, read_position, set_position
+
+pytestmark = pytest.mark.integration
+_names = itertools.count(1)
+
+SCHEMA = (
+    "CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy')",
+    "CREATE TYPE pair AS (m mood, n int)",
+    "CREATE TABLE items (id int PRIMARY KEY, name text, price numeric, big text, m mood, "
+    "ms mood[], p pair, tags text[], doc jsonb, at timestamptz)",
+    'CREATE TABLE "Mixed Case" ("Id" int PRIMARY KEY, "Val" text)',
+    "CREATE TABLE nokey (a int, b text, j json)",
+    "ALTER TABLE nokey REPLICA IDENTITY FULL",
+    "CREATE TABLE ident (id int GENERATED ALWAYS AS IDENTITY PRIMARY KEY, v int, "
+    "g int GENERATED ALWAYS AS (v * 2) STORED)",
+    "CREATE TABLE parts (id int, k int, v text, PRIMARY KEY (id, k)) PARTITION BY RANGE (k)",
+    "CREATE TABLE parts_a PARTITION OF parts FOR VALUES FROM (0) TO (100)",
+    "CREATE TABLE parts_b PARTITION OF parts FOR VALUES FROM (100) TO (200)",
+    "CREATE TABLE uniq (id int PRIMARY KEY, email text UNIQUE)",
+    "CREATE TABLE done (id int PRIMARY KEY)",
+)
+
+WORKLOAD = (
+    "INSERT INTO items SELECT g, 'n' || g, g * 1.5, NULL, 'ok', '{sad,happy}', "
+    "ROW('happy', g)::pair, '{a,NULL}', jsonb_build_object('g', g), now() "
+    "FROM generate_series(1, 1500) g",
+    "UPDATE items SET price = price + 1 WHERE id % 7 = 0",
+    "UPDATE items SET big = repeat('x', 100000) WHERE id < 4",
+    "UPDATE items SET price = 0 WHERE id < 4",  # big stays: an unchanged TOAST value
+    "UPDATE items SET id = id + 10000 WHERE id % 13 = 0",
+    "DELETE FROM items WHERE id % 11 = 0",
+    "INSERT INTO \"Mixed Case\" VALUES (1, 'a'), (2, 'b'), (3, NULL)",
+    'UPDATE "Mixed Case" SET "Val" = \'c\' WHERE "Id" = 1',
+    "INSERT INTO nokey VALUES (1, 'a', '{}'), (1, 'a', '{}'), (2, NULL, NULL), (3, 'c', '[1]')",
+    "UPDATE nokey SET b = 'z' WHERE ctid = (SELECT min(ctid) FROM nokey WHERE a = 1)",
+    "DELETE FROM nokey WHERE b IS NULL",
+    "INSERT INTO ident (v) SELECT g FROM generate_series(1, 50) g",
+    "UPDATE ident SET v = v + 1 WHERE id < 10",
+    "INSERT INTO parts SELECT g, g % 200, 'v' FROM generate_series(1, 400) g",
+    "UPDATE parts SET k = k + 100 WHERE k < 50 AND id < 100",
+    "INSERT INTO uniq VALUES (1, 'a'), (2, 'b')",
+    "BEGIN; UPDATE uniq SET email = 'c' WHERE id = 1; UPDATE uniq SET email = 'a' WHERE id = 2;"
+    " COMMIT",
+    "ALTER TABLE items ADD COLUMN extra int DEFAULT 7",
+    "ALTER TYPE mood ADD VALUE 'ecstatic'",
+    "INSERT INTO items (id, name, m, ms) VALUES (50000, 'new', 'ecstatic', '{ecstatic}')",
+    "ALTER TABLE items RENAME COLUMN name TO title",
+    "ALTER TABLE items ALTER COLUMN extra TYPE bigint",
+    "UPDATE items SET extra = 1 WHERE id < 100",
+    "CREATE SCHEMA app",
+    "SET search_path = app, public; CREATE TABLE inapp (id int PRIMARY KEY, t text)",
+    "INSERT INTO app.inapp VALUES (1, 'x')",
+    "CREATE TABLE ctas AS SELECT id, title, random() AS r FROM items WHERE id < 50",
+    "CREATE INDEX CONCURRENTLY items_title ON items (title)",
+    "BEGIN; INSERT INTO items (id) VALUES (60000); ALTER TABLE items DROP COLUMN big; "
+    "UPDATE items SET price = 5 WHERE id = 60000; COMMIT",
+    'TRUNCATE "Mixed Case", parts',
+    "INSERT INTO parts VALUES (1, 150, 'after truncate')",
+    "CREATE MATERIALIZED VIEW mv AS SELECT count(*) AS n FROM items",
+    "INSERT INTO items (id) VALUES (70000)",
+    "REFRESH MATERIALIZED VIEW mv",
+    "INSERT INTO done VALUES (1)",
+)
+
+
+@pytest.fixture
+def replica(pg: LocalPostgres) -> Iterator[str]:
+    name = f"r{next(_names)}"
+    with psycopg.connect(pg.dsn(), autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield pg.dsn(name)
+    finally:
+        with psycopg.connect(pg.dsn(), autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+
+
+async def _lsn(dsn: str) -> LSN:
+    async with await psycopg.AsyncConnection.connect(dsn) as conn:
+        cur = await conn.execute("SELECT pg_current_wal_lsn()::text")
+        row = await cur.fetchone()
+        assert row is not None
+        return LSN.parse(row[0])
+
+
+async def _start_position(source: str, replica: str) -> None:
+    async with await psycopg.AsyncConnection.connect(replica, autocommit=True) as conn:
+        await set_position(conn, "app", await _lsn(source), "test")
+
+
+@contextlib.asynccontextmanager
+async def replicating(
+    config: Config, replica: str, **kw: object
+) -> AsyncIterator[asyncio.Task[None]]:
+    stop = asyncio.Event()
+    task = asyncio.create_task(replicate(config, config.source("app"), replica, stop, **kw))  # type: ignore[arg-type]
+    try:
+        yield task
+    finally:
+        stop.set()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(task, 30)
+
+
+async def _wait_for(
+    replica: str, table: str, count: int, task: asyncio.Task[None], timeout: float = 60
+) -> None:
+    async with asyncio.timeout(timeout):
+        while True:
+            if task.done():
+                task.result()
+                raise AssertionError("replicate stopped")
+            async with await psycopg.AsyncConnection.connect(replica) as conn:
+                cur = await conn.execute(f"SELECT count(*) FROM {table}")  # type: ignore[arg-type]
+                row = await cur.fetchone()
+            if row and row[0] >= count:
+                return
+            await asyncio.sleep(0.1)
+
+
+async def _tables(dsn: str) -> dict[str, list[str]]:
+    async with await psycopg.AsyncConnection.connect(dsn) as conn:
+        cur = await conn.execute(
+            "SELECT quote_ident(n.nspname) || '.' || quote_ident(c.relname) FROM pg_class c "
+            "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.relkind = 'r' "
+            "AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'pgcapture') "
+            "AND n.nspname NOT LIKE 'pg_toast%' ORDER BY 1"
+        )
+        names = [r[0] for r in await cur.fetchall()]
+        out = {}
+        for name in names:
+            cur = await conn.execute(f"SELECT t::text FROM {name} AS t")  # type: ignore[arg-type]
+            out[name] = sorted(r[0] for r in await cur.fetchall())
+        return out
+
+
+async def assert_converged(source: str, replica: str) -> None:
+    src, rep = await _tables(source), await _tables(replica)
+    assert list(src) == list(rep)
+    for name in src:
+        assert src[name] == rep[name], f"table {name} differs"
+
+
+async def test_every_row_shape_and_ddl_converge(dsn: str, replica: str, nats: LocalNats) -> None:
+    await run_sql(dsn, *SCHEMA)
+    # other OIDs on the replica for the user-defined types
+    await run_sql(replica, "CREATE TYPE filler AS ENUM ('x')", "CREATE TYPE filler2 AS (a int)")
+    await run_sql(replica, *SCHEMA)
+    config = make_config(dsn, nats.url, "app")
+    async with capturing(config, "app"):
+        await asyncio.sleep(0.5)
+        await _start_position(dsn, replica)
+        async with replicating(config, replica) as task:
+            for statement in WORKLOAD:
+                await run_sql(dsn, statement)
+            await _wait_for(replica, "done", 1, task)
+    await assert_converged(dsn, replica)
+    async with await psycopg.AsyncConnection.connect(replica) as conn:
+        cur = await conn.execute("SELECT 'mood'::regtype::oid")
+        rep_oid = (await cur.fetchone() or [0])[0]
+        cur = await conn.execute("SELECT indexrelid::regclass::text FROM pg_index WHERE indisvalid")
+        assert "items_title" in {r[0] for r in await cur.fetchall()}
+        position = await read_position(conn, "app")
+    async with await psycopg.AsyncConnection.connect(dsn) as conn:
+        cur = await conn.execute("SELECT 'mood'::regtype::oid")
+        assert (await cur.fetchone() or [0])[0] != rep_oid
+    assert position is not None
+    assert position.commit_time is not None
+
+
+async def test_restarts_apply_every_transaction_once(
+    dsn: str, replica: str, nats: LocalNats
+) -> None:
+    schema = ("CREATE TABLE log (n int, t text)", "ALTER TABLE log REPLICA IDENTITY FULL",
+              "CREATE TABLE done (id int PRIMARY KEY)")  # fmt: skip
+    await run_sql(dsn, *schema)
+    await run_sql(replica, *schema)
+    config = make_config(dsn, nats.url, "app")
+    async with capturing(config, "app"):
+        await asyncio.sleep(0.5)
+        await _start_position(dsn, replica)
+        for round_ in range(4):
+            async with replicating(config, replica) as task:
+                for i in range(50):
+                    await run_sql(dsn, f"INSERT INTO log VALUES ({round_ * 100 + i}, 'x')")
+                await run_sql(dsn, f"INSERT INTO done VALUES ({round_})")
+                await _wait_for(replica, "done", round_ + 1, task)
+            # changes made while replicate is down are applied by the next one
+            await run_sql(dsn, f"UPDATE log SET t = 'y{round_}' WHERE n % 3 = 0")
+        async with replicating(config, replica) as task:
+            await run_sql(dsn, "INSERT INTO done VALUES (99)")
+            await _wait_for(replica, "done", 5, task)
+    await assert_converged(dsn, replica)
+
+
+async def test_errors_name_the_problem(dsn: str, replica: str, nats: LocalNats) -> None:
+    await run_sql(
+        dsn, "CREATE TABLE t (id int PRIMARY KEY, v text)", "CREATE TABLE missing (a int)"
+    )
+    await run_sql(replica, "CREATE TABLE t (id int PRIMARY KEY, v text)")
+    config = make_config(dsn, nats.url, "app")
+    stop = asyncio.Event()
+    with pytest.raises(ConfigError, match=r"no position for source 'app'.*bootstrap"):
+        await replicate(config, config.source("app"), replica, stop)
+    async with capturing(config, "app"):
+        await asyncio.sleep(0.5)
+        async with await psycopg.AsyncConnection.connect(replica, autocommit=True) as conn:
+            await set_position(conn, "app", await _lsn(dsn), "test", replace=True)
+            await conn.execute("SELECT pg_advisory_lock(1885823841, 1)")
+            with pytest.raises(ReplicaBusy, match="another pgcapture replicate"):
+                await replicate(config, config.source("app"), replica, stop)
+        await run_sql(dsn, "INSERT INTO missing VALUES (1)")
+        with pytest.raises(SchemaMismatch, match=r"public\.missing .*not exist on the replica"):
+            await asyncio.wait_for(replicate(config, config.source("app"), replica, stop), 30)
+        await run_sql(replica, "CREATE TABLE missing (a int)")
+        await run_sql(dsn, "INSERT INTO t VALUES (1, 'a')", "UPDATE t SET v = 'b' WHERE id = 1")
+        await run_sql(
+            replica, "SET session_replication_role = replica; INSERT INTO t VALUES (1, 'a')"
+        )
+        # the row is already there: the insert of the same key fails, nothing is applied
+        with pytest.raises(ApplyFailed, match="duplicate key"):
+            await asyncio.wait_for(replicate(config, config.source("app"), replica, stop), 30)
+        await run_sql(replica, "DELETE FROM t")
+        async with replicating(config, replica) as task:
+            await _wait_for(replica, "t", 1, task)  # the insert and update of row 1, now
+            await run_sql(
+                replica, "SET session_replication_role = replica; DELETE FROM t WHERE id = 1"
+            )
+            await run_sql(dsn, "UPDATE t SET v = 'z' WHERE id = 1")
+            with pytest.raises(ApplyFailed, match="changed 0 rows on the replica instead of 1"):
+                await asyncio.wait_for(task, 30)
+
+
+async def test_inexact_ddl_stops_until_skipped(dsn: str, replica: str, nats: LocalNats) -> None:
+    await run_sql(dsn, "CREATE TABLE done (id int PRIMARY KEY)")
+    await run_sql(replica, "CREATE TABLE done (id int PRIMARY KEY)")
+    config = make_config(dsn, nats.url, "app")
+    stop = asyncio.Event()
+    async with capturing(config, "app"):
+        await asyncio.sleep(0.5)
+        await _start_position(dsn, replica)
+        await run_sql(dsn, "PREPARE p AS SELECT 1 AS a INTO made; EXECUTE p")
+        with pytest.raises(DdlNotReplayable, match=r"--skip-ddl \d+") as err:
+            await asyncio.wait_for(replicate(config, config.source("app"), replica, stop), 30)
+        ident = int(str(err.value).rsplit(" ", 1)[1])
+        await run_sql(replica, "CREATE TABLE made (a int)")  # its rows come in the stream
+        await run_sql(dsn, "INSERT INTO made VALUES (2)", "INSERT INTO done VALUES (1)")
+        from pgcapture.replica.apply import ApplySettings
+
+        async with replicating(
+            config, replica, settings=ApplySettings(skip_ddl=frozenset({ident}))
+        ) as task:
+            await _wait_for(replica, "done", 1, task)
+    await assert_converged(dsn, replica)
