@@ -11,8 +11,10 @@ import sys
 import click
 
 from pgcapture import __version__
+from pgcapture.cli.bootstrap import bootstrap
 from pgcapture.cli.capture import capture
 from pgcapture.cli.quickstart import quickstart
+from pgcapture.cli.replicate import replicate
 from pgcapture.cli.tail import tail
 from pgcapture.errors import PgCaptureError
 
@@ -26,6 +28,8 @@ def cli() -> None:
 cli.add_command(tail)
 cli.add_command(quickstart)
 cli.add_command(capture)
+cli.add_command(bootstrap)
+cli.add_command(replicate)
 
 
 def main() -> None:

@@ -102,14 +102,24 @@ class LocalPostgres:
     settings: Mapping[str, str] = field(default_factory=dict)
     port: int = field(default_factory=free_port)
     superuser: str = "postgres"
+    # Clusters copied from the process's template share its system identifier; a cluster of
+    # its own ``initdb`` gets one of its own (slower to make).
+    own_system_identifier: bool = False
 
     @classmethod
     def create(
-        cls, parent: Path | None = None, settings: Mapping[str, str] | None = None
+        cls,
+        parent: Path | None = None,
+        settings: Mapping[str, str] | None = None,
+        own_system_identifier: bool = False,
     ) -> LocalPostgres:
         base = Path(tempfile.mkdtemp(prefix="pgcapture-pg-", dir=parent))
         os.chmod(base, 0o755)
-        return cls(base_dir=base, settings=dict(settings or {}))
+        return cls(
+            base_dir=base,
+            settings=dict(settings or {}),
+            own_system_identifier=own_system_identifier,
+        )
 
     @property
     def data_dir(self) -> Path:
@@ -146,8 +156,11 @@ class LocalPostgres:
         self.socket_dir.mkdir(parents=True, exist_ok=True)
         _chown_to_server_user(self.base_dir)
         _chown_to_server_user(self.socket_dir)
-        template = _template_cluster(self.bin_dir)
-        shutil.copytree(template, self.data_dir, symlinks=True)
+        if self.own_system_identifier:
+            _run_initdb(self.bin_dir, self.data_dir)
+        else:
+            template = _template_cluster(self.bin_dir)
+            shutil.copytree(template, self.data_dir, symlinks=True)
         if os.geteuid() == 0:
             subprocess.run(["chown", "-R", "postgres:postgres", str(self.data_dir)], check=True)
         conf = {**DEFAULT_SETTINGS, **self.settings}
@@ -181,6 +194,67 @@ class LocalPostgres:
             str(self.bin_dir / "pg_ctl"), "stop", "-w", "-t", "60", "-m", mode,
             "-D", str(self.data_dir), check=False,
         )  # fmt: skip
+
+    @classmethod
+    def standby_of(
+        cls,
+        primary: LocalPostgres,
+        parent: Path | None = None,
+        settings: Mapping[str, str] | None = None,
+    ) -> LocalPostgres:
+        """A new cluster made with ``pg_basebackup -X stream -R`` from the running ``primary``: a
+        physical copy that starts as a standby streaming from it (``promote()`` ends that).
+
+        It has its own directory, port and socket; ``settings`` are added to the primary's (for
+        example ``recovery_target_lsn``). Not started yet: call ``start()``.
+        """
+        base = Path(tempfile.mkdtemp(prefix="pgcapture-pg-", dir=parent))
+        os.chmod(base, 0o755)
+        copy = cls(base_dir=base, settings={**primary.settings, **(settings or {})})
+        copy.socket_dir.mkdir(parents=True, exist_ok=True)
+        _chown_to_server_user(copy.base_dir)
+        _chown_to_server_user(copy.socket_dir)
+        result = copy._run(
+            str(copy.bin_dir / "pg_basebackup"), "-D", str(copy.data_dir), "-X", "stream", "-R",
+            "-c", "fast", "--no-sync", "-d", primary.dsn(), check=False,
+        )  # fmt: skip
+        if result.returncode != 0:
+            shutil.rmtree(base, ignore_errors=True)
+            raise ConfigError(
+                f"pg_basebackup of the cluster in {primary.data_dir} failed: "
+                f"{result.stderr.strip()}"
+            )
+        # The copy holds the primary's postgresql.auto.conf (and -R's primary_conninfo): later
+        # lines win, so the copy's own port, socket and settings go last.
+        conf = dict(copy.settings)
+        conf["port"] = str(copy.port)
+        conf["listen_addresses"] = "'127.0.0.1'"
+        conf["unix_socket_directories"] = f"'{copy.socket_dir}'"
+        lines = [f"{k} = {_conf_value(v)}" for k, v in conf.items()]
+        with (copy.data_dir / "postgresql.auto.conf").open("a") as fh:
+            fh.write("\n".join(lines) + "\n")
+        return copy
+
+    def add_settings(self, settings: Mapping[str, str]) -> None:
+        """Append settings to the cluster's postgresql.auto.conf (and to ``self.settings``);
+        they take effect at the next start (or reload, for those that allow it)."""
+        self.settings = {**self.settings, **settings}
+        lines = [f"{k} = {_conf_value(v)}" for k, v in settings.items()]
+        with (self.data_dir / "postgresql.auto.conf").open("a") as fh:
+            fh.write("\n".join(lines) + "\n")
+
+    def promote(self, wait: bool = True) -> None:
+        """End recovery (``pg_ctl promote``): the cluster switches to a new timeline and
+        accepts writes. With ``wait``, returns once promotion is complete."""
+        result = self._run(
+            str(self.bin_dir / "pg_ctl"), "promote", "-w" if wait else "-W", "-t", "60",
+            "-D", str(self.data_dir), check=False,
+        )  # fmt: skip
+        if result.returncode != 0:
+            raise ConfigError(
+                f"postgres in {self.data_dir} was not promoted: {result.stderr.strip()}; "
+                f"server log: {self.log_tail()}"
+            )
 
     def restart(self) -> None:
         self.stop()
@@ -227,7 +301,12 @@ def _template_cluster(bin_dir: Path) -> Path:
     base = Path(tempfile.mkdtemp(prefix="pgcapture-template-"))
     os.chmod(base, 0o755)
     _chown_to_server_user(base)
-    data = base / "data"
+    _run_initdb(bin_dir, base / "data")
+    _register_cleanup(base)
+    return base / "data"
+
+
+def _run_initdb(bin_dir: Path, data: Path) -> None:
     cmd = [
         *_as_server_user(), str(bin_dir / "initdb"), "-D", str(data), "-U", "postgres",
         "-A", "trust", "-E", "UTF8", "--locale=C", "--no-sync", "--no-instructions",
@@ -235,8 +314,6 @@ def _template_cluster(bin_dir: Path) -> Path:
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     if result.returncode != 0:
         raise ConfigError(f"initdb failed: {result.stderr.strip()}")
-    _register_cleanup(base)
-    return data
 
 
 def _register_cleanup(path: Path) -> None:
