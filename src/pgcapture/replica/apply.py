@@ -41,7 +41,7 @@ from pgcapture.replica.plans import (
     insert_plan,
     update_plan,
 )
-from pgcapture.replica.rows import Row, scan_change
+from pgcapture.replica.rows import Layout, Row, read_head, read_values, scan_change
 from pgcapture.replica.store import Position
 
 log = logging.getLogger("pgcapture.replicate")
@@ -183,6 +183,8 @@ class Applier:
         # the fast path: (head, shape, new field count) of scan_change -> plan; head -> table
         self._fast: dict[tuple[bytes, bytes, int], Plan] = {}
         self._heads: dict[bytes, tuple[str, str]] = {}
+        # per table and operation, the last row shape seen: read the next rows by comparison
+        self._layouts: dict[bytes, tuple[Layout, Plan, tuple[str, str]]] = {}
 
     @property
     def pending(self) -> bool:
@@ -191,7 +193,7 @@ class Applier:
 
     async def apply(self, batch: StoredBatch, more: bool) -> None:
         """Apply one stored batch; ``more`` says whether the next one is already waiting."""
-        fast, heads = self._fast, self._heads
+        fast, heads, layouts = self._fast, self._heads, self._layouts
         for record in batch.records:
             lsn = record.lsn
             if lsn <= self._done:
@@ -200,19 +202,31 @@ class Applier:
             if message[:1] == _CHANGE_TAG:
                 if not self._in_tx:
                     raise self._outside(record.lsn, record.seq)
-                row = scan_change(message)
-                if row is not None and not self._creates:
-                    plan = fast.get((row.head, row.shape, len(row.new)))
-                    target = heads.get(row.head)
-                    if (
-                        plan is not None
-                        and target is not None
-                        and not (plan.key_check and plan.moves_key(row.new, row.old))
-                    ):
-                        self._queue(target, plan, row.new, row.old, lsn)
-                        if self._queued >= self._settings.queue_rows:
-                            await self._send_queued()
-                        continue
+                if not self._creates and (found := read_head(message)) is not None:
+                    head, start = found
+                    known = layouts.get(head)
+                    images = read_values(message, start, known[0]) if known else None
+                    if known is not None and images is not None:
+                        plan, target = known[1], known[2]
+                        new, old = images
+                        if not (plan.key_check and plan.moves_key(new, old)):
+                            self._queue(target, plan, new, old, lsn)
+                            if self._queued >= self._settings.queue_rows:
+                                await self._send_queued()
+                            continue
+                    row = scan_change(message)
+                    if row is not None:
+                        seen = fast.get((row.head, row.shape, len(row.new)))
+                        table = heads.get(row.head)
+                        if seen is not None and table is not None:
+                            layouts[head] = (Layout.of(row), seen, table)
+                            if not (seen.key_check and seen.moves_key(row.new, row.old)):
+                                self._queue(table, seen, row.new, row.old, lsn)
+                                if self._queued >= self._settings.queue_rows:
+                                    await self._send_queued()
+                                continue
+                else:
+                    row = None
                 await self._change(pb.Message.FromString(message).change, lsn, row)
                 continue
             msg = pb.Message.FromString(message)
@@ -452,6 +466,7 @@ class Applier:
         self._catalog.clear()
         self._plans.clear()
         self._fast.clear()
+        self._layouts.clear()
         self._tx_ddl = True
         self._changes += 1
         log.info("replayed %s", ddl.describe())

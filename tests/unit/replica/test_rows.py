@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from pgcapture.proto import pb
 from pgcapture.replica.apply import _image
-from pgcapture.replica.rows import scan_change
+from pgcapture.replica.rows import Layout, read_head, read_values, scan_change
 from pgcapture.wire import change_head, encode_change_message, encode_field, field_prefix
 
 names = st.text(alphabet='abcXYZ_" é', min_size=1, max_size=20)
@@ -76,3 +76,30 @@ def test_other_layouts_are_left_to_protobuf() -> None:
     msg += body[: body.index(b"\x22")] + reordered
     assert scan_change(msg) is None
     assert scan_change(b"\x1a\x05\x12") is None  # truncated
+
+
+@given(st.sampled_from([0, 1, 2]), names, names, fields, fields, fields, fields)
+def test_read_values_only_for_the_same_shape(
+    op: int,
+    schema: str,
+    table: str,
+    new: list,
+    old: list,
+    new2: list,
+    old2: list,  # type: ignore[type-arg]
+) -> None:
+    head = change_head(op, schema, table)
+    first = scan_change(encode_change_message(head, _encode(new), _encode(old)))
+    msg = encode_change_message(head, _encode(new2), _encode(old2))
+    second = scan_change(msg)
+    assert first is not None
+    assert second is not None
+    found = read_head(msg)
+    assert found is not None
+    assert found[0] == second.head
+    values = read_values(msg, found[1], Layout.of(first))
+    same = (first.shape, len(first.new)) == (second.shape, len(second.new))
+    if same:
+        assert values == (second.new, second.old)
+    else:
+        assert values is None or values == (second.new, second.old)
