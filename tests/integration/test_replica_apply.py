@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 from collections.abc import AsyncIterator, Iterator
 
 import psycopg
 import pytest
 from log_helpers import capturing, make_config, run_sql
+from test_log_capture import free_port, http_get, poll
 
 from pgcapture.config import Config
 from pgcapture.errors import ConfigError
@@ -18,7 +20,7 @@ from pgcapture.lsn import LSN
 from pgcapture.replica.ddl import DdlNotReplayable
 from pgcapture.replica.pipeline import ApplyFailed
 from pgcapture.replica.plans import SchemaMismatch
-from pgcapture.replica.service import replicate
+from pgcapture.replica.service import replicate, serve_replicate
 from pgcapture.replica.store import ReplicaBusy, read_position, set_position
 
 pytestmark = pytest.mark.integration
@@ -273,3 +275,43 @@ async def test_inexact_ddl_stops_until_skipped(dsn: str, replica: str, nats: Loc
         ) as task:
             await _wait_for(replica, "done", 1, task)
     await assert_converged(dsn, replica)
+
+
+async def test_metrics_and_health(dsn: str, replica: str, nats: LocalNats) -> None:
+    await run_sql(dsn, "CREATE TABLE m (id int PRIMARY KEY)")
+    await run_sql(replica, "CREATE TABLE m (id int PRIMARY KEY)")
+    port = free_port()
+    config = make_config(dsn, nats.url, "app", replica={"dsn": replica})
+    config = config.model_copy(update={"metrics": config.metrics.model_copy(
+        update={"listen": f"127.0.0.1:{port}", "slot_lag_interval": 0.2}
+    )})  # fmt: skip
+    stop = asyncio.Event()
+    async with capturing(config, "app"):
+        await asyncio.sleep(0.5)
+        await _start_position(dsn, replica)
+        task = asyncio.create_task(serve_replicate(config, config.source("app"), stop))
+        try:
+            for i in range(20):
+                await run_sql(dsn, f"INSERT INTO m VALUES ({i})")
+            await _wait_for(replica, "m", 20, task)
+
+            async def caught_up() -> bool:
+                body = (await http_get(port, "/metrics"))[1].decode()
+                return 'pgcapture_replica_lag_bytes{source="app"} 0.0' in body
+
+            await poll(caught_up)
+            status, body = await http_get(port, "/healthz")
+            assert status == 200
+            assert json.loads(body)["state"] == "running"
+            text = (await http_get(port, "/metrics"))[1].decode()
+            samples = dict(
+                line.rsplit(" ", 1) for line in text.splitlines() if line.startswith("pgcapture")
+            )
+            assert float(samples['pgcapture_replica_transactions_total{source="app"}']) >= 20
+            assert float(samples['pgcapture_replica_changes_total{source="app"}']) >= 20
+            assert float(samples['pgcapture_replica_applied_lsn{source="app"}']) > 0
+            assert float(samples['pgcapture_replica_lag_seconds{source="app"}']) == 0
+            assert "pgcapture_replica_last_commit_timestamp_seconds" in text
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 30)

@@ -202,7 +202,9 @@ class _Session:
             start = await locate(js, self.source.stream_name, position.lsn, position.stream_seq)
             follower = Follower(js, self.source.stream_name, self.source.subject, start)
             follower.start()
-            monitor = asyncio.create_task(self._watch_lag(js))
+            monitor = asyncio.create_task(
+                self._watch_lag(js, self.config.metrics.slot_lag_interval)
+            )
             pipe = Pipeline(conn)
             pipe.open()
 
