@@ -24,7 +24,6 @@ import hashlib
 from importlib import resources
 from typing import Any, Final
 
-import pglast
 import psycopg
 from psycopg import errors as pg_errors
 
@@ -106,6 +105,8 @@ def split_statements(sql: str) -> list[str]:
     ``pglast.parser.ParseError`` when ``sql`` does not parse.
     """
     statements = []
+    import pglast  # a quarter of a second to import: only when needed
+
     for raw in pglast.parse_sql(sql):
         start = raw.stmt_location or 0
         end = start + raw.stmt_len if raw.stmt_len else len(sql)  # 0: up to the end

@@ -35,6 +35,10 @@ class StreamGap(PgCaptureError):
     """The stream no longer holds changes the reader has not applied yet."""
 
 
+class StreamMissing(PgCaptureError):
+    """The source's stream does not exist (yet): capture creates it when it first starts."""
+
+
 async def _headers(js: JetStreamContext, stream: str, seq: int) -> tuple[Checkpoint, Checkpoint]:
     msg = await js.get_msg(stream, seq=seq)
     headers = msg.headers or {}
@@ -47,7 +51,13 @@ async def _headers(js: JetStreamContext, stream: str, seq: int) -> tuple[Checkpo
 async def locate(js: JetStreamContext, stream: str, applied: int, hint_seq: int = 0) -> int:
     """The sequence to read ``stream`` from so that nothing committed after LSN ``applied`` is
     missed: the first message whose last record is past it (or the next sequence to come)."""
-    info = await js.stream_info(stream)
+    try:
+        info = await js.stream_info(stream)
+    except nats.js.errors.NotFoundError:
+        raise StreamMissing(
+            f"stream {stream!r} does not exist on NATS yet; it is created when `pgcapture "
+            "capture` first runs for this source (check the source name and the NATS server)"
+        ) from None
     first_seq, last_seq = info.state.first_seq, info.state.last_seq
     # Messages before first_seq were removed by the retention limits. That is only harmless
     # if everything in them was applied: the stream's first record is at or before the

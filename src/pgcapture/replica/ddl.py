@@ -28,22 +28,17 @@ import struct
 from dataclasses import dataclass
 from typing import Any, Final
 
-from pglast import ast, parse_sql
-from pglast.enums import ObjectType
-from pglast.stream import RawStream
-
 from pgcapture.proto import pb
 from pgcapture.replica.store import ReplicaError
 
 _I32 = struct.Struct(">i")
-_SKIP_DROP: Final = frozenset({ObjectType.OBJECT_PUBLICATION, ObjectType.OBJECT_SUBSCRIPTION})
 _SKIP_NODES: Final = (
-    ast.RefreshMatViewStmt,
-    ast.CreatePublicationStmt,
-    ast.AlterPublicationStmt,
-    ast.CreateSubscriptionStmt,
-    ast.AlterSubscriptionStmt,
-    ast.DropSubscriptionStmt,
+    "RefreshMatViewStmt",
+    "CreatePublicationStmt",
+    "AlterPublicationStmt",
+    "CreateSubscriptionStmt",
+    "AlterSubscriptionStmt",
+    "DropSubscriptionStmt",
 )
 
 
@@ -127,6 +122,11 @@ def decide(change: pb.Change, skip_ids: frozenset[int] = frozenset()) -> Ddl:
         isinstance(o, dict) and o.get("schema_name") == "pgcapture" for o in objects
     ):
         return skipped("it changes only pgcapture's own objects")
+    # pglast (and its printers) take a quarter of a second to import: only when DDL comes
+    from pglast import ast, parse_sql
+    from pglast.enums import ObjectType
+    from pglast.stream import RawStream
+
     try:
         statements = parse_sql(query)
     except Exception:  # the server ran it: let the replica's parser judge
@@ -134,8 +134,9 @@ def decide(change: pb.Change, skip_ids: frozenset[int] = frozenset()) -> Ddl:
     if len(statements) != 1:
         return Ddl(ident, query, query, path)
     stmt = statements[0].stmt
-    if isinstance(stmt, _SKIP_NODES) or (
-        isinstance(stmt, ast.DropStmt) and stmt.removeType in _SKIP_DROP
+    skip_drop = (ObjectType.OBJECT_PUBLICATION, ObjectType.OBJECT_SUBSCRIPTION)
+    if type(stmt).__name__ in _SKIP_NODES or (
+        isinstance(stmt, ast.DropStmt) and stmt.removeType in skip_drop
     ):
         return skipped(f"{type(stmt).__name__} is not replicated")
     if isinstance(stmt, ast.IndexStmt | ast.DropStmt) and getattr(stmt, "concurrent", False):

@@ -32,7 +32,7 @@ from pgcapture.capture.retry import Backoff, is_transient
 from pgcapture.config import Config, SourceConfig
 from pgcapture.errors import ConfigError, ConnectionLost, PermissionDenied
 from pgcapture.log.client import connect_nats
-from pgcapture.log.follow import Follower, locate
+from pgcapture.log.follow import Follower, StreamMissing, locate
 from pgcapture.log.stream import read_tail
 from pgcapture.lsn import LSN
 from pgcapture.ops.http import OpsServer
@@ -124,6 +124,8 @@ class ReplicaStatus:
 
 
 def _transient(exc: BaseException) -> bool:
+    if isinstance(exc, StreamMissing):
+        return True  # capture creates it; wait for it
     if isinstance(exc, ApplyFailed):
         return exc.sqlstate is not None and exc.sqlstate.startswith(_TRANSIENT_SQLSTATES)
     return is_transient(exc)
