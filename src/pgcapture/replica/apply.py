@@ -41,7 +41,7 @@ from pgcapture.replica.plans import (
     insert_plan,
     update_plan,
 )
-from pgcapture.replica.rows import Layout, Row, read_head, read_values, scan_change
+from pgcapture.replica.rows import Frame, Layout, Row, read_head, read_values, scan_change
 from pgcapture.replica.store import Position
 
 log = logging.getLogger("pgcapture.replicate")
@@ -49,6 +49,7 @@ log = logging.getLogger("pgcapture.replicate")
 _EPOCH: Final = datetime(2000, 1, 1, tzinfo=UTC)
 _INSERT, _UPDATE, _DELETE = pb.Change.INSERT, pb.Change.UPDATE, pb.Change.DELETE
 _CHANGE_TAG: Final = b"\x1a"  # Message.change = 3, length-delimited
+_FRAMES_PER_TABLE: Final = 16  # row sizes remembered per table and operation
 _ADVANCE: Final = b"SELECT pgcapture.advance_source($1, $2::pg_lsn, $3::pg_lsn, $4, $5)"
 _SET_PATH: Final = b"SELECT pg_catalog.set_config('search_path', $1, true)"
 _RESOLVE: Final = (
@@ -185,6 +186,9 @@ class Applier:
         self._heads: dict[bytes, tuple[str, str]] = {}
         # per table and operation, the last row shape seen: read the next rows by comparison
         self._layouts: dict[bytes, tuple[Layout, Plan, tuple[str, str]]] = {}
+        # by message size, the frames of rows seen (rows whose values have equal lengths)
+        self._frames: dict[int, list[tuple[Frame, Plan, tuple[str, str]]]] = {}
+        self._framed: dict[bytes, int] = {}  # frames learnt per head
 
     @property
     def pending(self) -> bool:
@@ -193,7 +197,6 @@ class Applier:
 
     async def apply(self, batch: StoredBatch, more: bool) -> None:
         """Apply one stored batch; ``more`` says whether the next one is already waiting."""
-        fast, heads, layouts = self._fast, self._heads, self._layouts
         for record in batch.records:
             lsn = record.lsn
             if lsn <= self._done:
@@ -202,32 +205,11 @@ class Applier:
             if message[:1] == _CHANGE_TAG:
                 if not self._in_tx:
                     raise self._outside(record.lsn, record.seq)
-                if not self._creates and (found := read_head(message)) is not None:
-                    head, start = found
-                    known = layouts.get(head)
-                    images = read_values(message, start, known[0]) if known else None
-                    if known is not None and images is not None:
-                        plan, target = known[1], known[2]
-                        new, old = images
-                        if not (plan.key_check and plan.moves_key(new, old)):
-                            self._queue(target, plan, new, old, lsn)
-                            if self._queued >= self._settings.queue_rows:
-                                await self._send_queued()
-                            continue
-                    row = scan_change(message)
-                    if row is not None:
-                        seen = fast.get((row.head, row.shape, len(row.new)))
-                        table = heads.get(row.head)
-                        if seen is not None and table is not None:
-                            layouts[head] = (Layout.of(row), seen, table)
-                            if not (seen.key_check and seen.moves_key(row.new, row.old)):
-                                self._queue(table, seen, row.new, row.old, lsn)
-                                if self._queued >= self._settings.queue_rows:
-                                    await self._send_queued()
-                                continue
-                else:
-                    row = None
-                await self._change(pb.Message.FromString(message).change, lsn, row)
+                done, row = self._known(message, lsn)
+                if not done:
+                    await self._change(pb.Message.FromString(message).change, lsn, row)
+                elif self._queued >= self._settings.queue_rows:
+                    await self._send_queued()
                 continue
             msg = pb.Message.FromString(message)
             kind = msg.WhichOneof("type")
@@ -313,15 +295,59 @@ class Applier:
 
     # ---- changes -----------------------------------------------------------------------------
 
+    def _known(self, message: bytes, lsn: int) -> tuple[bool, Row | None]:
+        """Queue a change whose shape was seen before, reading its values from the bytes.
+
+        Returns (False, row) when the slow path must take it: a new shape (``row``, when the
+        bytes could be read), a key change, a CREATE TABLE AS target in this transaction.
+        """
+        if self._creates:
+            return False, None
+        candidates = self._frames.get(len(message))
+        if candidates:
+            for frame, plan, target in candidates:
+                values = frame.values(message)
+                if values is not None:
+                    count = frame.new
+                    new, old = values[:count], values[count:]
+                    if plan.key_check and plan.moves_key(new, old):
+                        return False, None
+                    params = new if plan.direct else plan.params(new, old)
+                    self._queue(target, params, plan, lsn)
+                    return True, None
+        found = read_head(message)
+        if found is None:
+            return False, None
+        head, start = found
+        learning = self._framed.get(head, 0) < _FRAMES_PER_TABLE
+        if not learning and (known := self._layouts.get(head)) is not None:
+            images = read_values(message, start, known[0])
+            if images is not None:
+                _, plan, target = known
+                new, old = images
+                if plan.key_check and plan.moves_key(new, old):
+                    return False, None
+                self._queue(target, new if plan.direct else plan.params(new, old), plan, lsn)
+                return True, None
+        row = scan_change(message)
+        if row is None:
+            return False, None
+        plan_ = self._fast.get((row.head, row.shape, len(row.new)))
+        table = self._heads.get(row.head)
+        if plan_ is None or table is None:
+            return False, row
+        self._layouts[head] = (Layout.of(row), plan_, table)
+        if learning:
+            self._framed[head] = self._framed.get(head, 0) + 1
+            self._frames.setdefault(len(message), []).append((Frame(message, row), plan_, table))
+        if plan_.key_check and plan_.moves_key(row.new, row.old):
+            return False, row
+        self._queue(table, plan_.params(row.new, row.old), plan_, lsn)
+        return True, None
+
     def _queue(
-        self,
-        target: tuple[str, str],
-        plan: Plan,
-        new: list[bytes | None],
-        old: list[bytes | None],
-        lsn: int,
+        self, target: tuple[str, str], params: list[bytes | None], plan: Plan, lsn: int
     ) -> None:
-        params = plan.params(new, old)
         runs = self._queues.get(target)
         if runs is None:
             runs = self._queues[target] = []
@@ -365,7 +391,7 @@ class Applier:
             plan = self._plans.get(moved) or await self._compile(
                 moved, schema, name, op, new_shape, old_shape, True
             )
-        self._queue(target, plan, new, old, lsn)
+        self._queue(target, new if plan.direct else plan.params(new, old), plan, lsn)
         if self._queued >= self._settings.queue_rows:
             await self._send_queued()
 
@@ -467,6 +493,8 @@ class Applier:
         self._plans.clear()
         self._fast.clear()
         self._layouts.clear()
+        self._frames.clear()
+        self._framed.clear()
         self._tx_ddl = True
         self._changes += 1
         log.info("replayed %s", ddl.describe())

@@ -69,6 +69,7 @@ class Plan:
     fixes: tuple[tuple[int, Fixer], ...] = ()
     elem_types: tuple[int, ...] = ()
     key_check: tuple[tuple[int, int], ...] = ()  # (old, new) positions of the key's fields
+    direct: bool = False  # the parameters are the new image's values as they are
 
     def moves_key(self, new: list[bytes | None], old: list[bytes | None]) -> bool:
         """Whether this update changes the row's key (then ``key_changes`` plan applies)."""
@@ -154,9 +155,12 @@ def insert_plan(table: Table, new: Shape) -> Plan:
     if _can_batch(cols, [tuple(fields)]):
         values = ", ".join(f"unnest(${n})" for n in range(1, len(cols) + 1))
         sql = f"INSERT INTO {target} ({names}){overriding} SELECT {values}"
+        fixes = _fixes(cols)
+        direct = not fixes and take == tuple((0, i) for i in range(len(new)))
         return Plan(
             "insert", table, next(_names), sql.encode(), tuple(c.array_oid for c in cols),
-            take, None, True, fixes=_fixes(cols), elem_types=tuple(c.type_oid for c in cols),
+            take, None, True, fixes=fixes, elem_types=tuple(c.type_oid for c in cols),
+            direct=direct,
         )  # fmt: skip
     values = ", ".join(f"${n}" for n in range(1, len(cols) + 1))
     sql = f"INSERT INTO {target} ({names}){overriding} VALUES ({values})"

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from pgcapture.proto import pb
 from pgcapture.replica.apply import _image
-from pgcapture.replica.rows import Layout, read_head, read_values, scan_change
+from pgcapture.replica.rows import Frame, Layout, read_head, read_values, scan_change
 from pgcapture.wire import change_head, encode_change_message, encode_field, field_prefix
 
 names = st.text(alphabet='abcXYZ_" é', min_size=1, max_size=20)
@@ -103,3 +103,40 @@ def test_read_values_only_for_the_same_shape(
         assert values == (second.new, second.old)
     else:
         assert values is None or values == (second.new, second.old)
+
+
+@given(st.sampled_from([0, 1, 2]), names, fields, fields, st.data())
+def test_frames_take_only_rows_of_their_exact_layout(
+    op: int,
+    table: str,
+    new: list,
+    old: list,
+    data: st.DataObject,  # type: ignore[type-arg]
+) -> None:
+    head = change_head(op, "public", table)
+    msg = encode_change_message(head, _encode(new), _encode(old))
+    row = scan_change(msg)
+    assert row is not None
+    frame = Frame(msg, row)
+    assert frame.values(msg) == row.new + row.old
+
+    # same columns with other values of the same lengths (NULLs where there were NULLs)
+    def same_size(value: tuple[int, bytes] | None) -> tuple[int, bytes] | None:
+        if value is None:
+            return None
+        return value[0], data.draw(st.binary(min_size=len(value[1]), max_size=len(value[1])))
+
+    new2 = [(n, o, same_size(v)) for n, o, v in new]
+    old2 = [(n, o, same_size(v)) for n, o, v in old]
+    other = encode_change_message(head, _encode(new2), _encode(old2))
+    second = scan_change(other)
+    assert second is not None
+    assert frame.values(other) == second.new + second.old
+    # and anything else of that size: the frame answers for it only if the bytes agree
+    changed = data.draw(st.lists(st.tuples(names, st.integers(0, 5000), values), max_size=6))
+    third = encode_change_message(head, _encode(changed), [])
+    got = frame.values(third)
+    if got is not None:
+        parsed = scan_change(third)
+        assert parsed is not None
+        assert got == parsed.new + parsed.old
