@@ -117,7 +117,7 @@ def _scan(msg: bytes) -> Row | None:
         if msg[q] != _NAME:
             return None
         v = q + 2 + msg[q + 1]  # names are at most 63 bytes: a one-byte length
-        if msg[v] == _OID:
+        if v < field_end and msg[v] == _OID:
             v += 1
             while msg[v] & 0x80:
                 v += 1
