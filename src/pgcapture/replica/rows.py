@@ -19,6 +19,7 @@ with protobuf instead.
 
 from __future__ import annotations
 
+import operator
 import struct
 from typing import NamedTuple
 
@@ -217,7 +218,7 @@ class Frame:
     outside its values differs at a length or name byte, so it is never taken for another shape.
     """
 
-    __slots__ = ("_mask", "_skeleton", "_take", "_unpack", "new", "size")
+    __slots__ = ("_mask", "_single_null", "_skeleton", "_take", "_unpack", "new", "size")
 
     def __init__(self, msg: bytes, row: Row) -> None:
         self.size = len(msg)
@@ -238,7 +239,14 @@ class Frame:
         self._mask = int.from_bytes(mask, "big")
         self._skeleton = int.from_bytes(msg, "big") & self._mask
         self._unpack = struct.Struct("".join(fmt)).unpack
-        self._take = tuple(take) if -1 in take else None
+        # NULLs: pick the values and a None appended after them, in field order
+        nulls = len(take) - take.count(-1)
+        self._take = (
+            operator.itemgetter(*[i if i >= 0 else nulls for i in take])
+            if -1 in take and len(take) > 1
+            else None
+        )
+        self._single_null = take == [-1]
         self.new = len(row.new)
 
     def values(self, msg: bytes) -> list[bytes | None] | None:
@@ -246,6 +254,6 @@ class Frame:
         if len(msg) != self.size or int.from_bytes(msg, "big") & self._mask != self._skeleton:
             return None
         found: tuple[bytes, ...] = self._unpack(msg)
-        if self._take is None:
-            return list(found)
-        return [found[i] if i >= 0 else None for i in self._take]
+        if self._take is not None:
+            return list(self._take((*found, None)))
+        return [None] if self._single_null else list(found)
