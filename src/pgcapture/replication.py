@@ -276,4 +276,9 @@ def _translate_stream_error(exc: psycopg.Error, slot: str | None) -> Exception:
         return SourceError(f"{text}; set wal_level=logical and restart the server")
     if isinstance(exc, psycopg.OperationalError):
         return ConnectionLost(f"replication connection failed: {text}")
+    if sqlstate == "XX000":
+        # an internal error of the server's decoding (e.g. "unexpected duplicate for tablespace
+        # 0, relfilenode N", seen once under a DDL-heavy workload): decoding again from the
+        # slot's position is exact, so it is retried, with a warning each time
+        return ConnectionLost(f"the server's logical decoding failed: {text}; retrying")
     return SourceError(text)

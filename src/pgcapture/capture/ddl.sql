@@ -885,6 +885,14 @@ AS $fn$
                'backend_start', a.backend_start, 'xact_start', a.xact_start,
                'top_level_query', current_query(), 'nested', e ->> 'source' <> 'top',
                'search_path', user_path,
+               'settings', jsonb_build_object(
+                   'TimeZone', current_setting('TimeZone'),
+                   'DateStyle', current_setting('DateStyle'),
+                   'IntervalStyle', current_setting('IntervalStyle'),
+                   'standard_conforming_strings', current_setting('standard_conforming_strings'),
+                   'default_tablespace', current_setting('default_tablespace'),
+                   'default_table_access_method', current_setting('default_table_access_method'),
+                   'default_toast_compression', current_setting('default_toast_compression')),
                'exact', coalesce((e ->> 'exact')::boolean, false), 'phase', phase,
                'objects', (SELECT coalesce(jsonb_agg(jsonb_build_object(
                                   'object_type', o ->> 'object_type',

@@ -139,11 +139,18 @@ class Follower:
         return item
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        """Stop the reading task. A cancellation can be swallowed inside nats-py (asyncio's
+        wait_for on Python 3.11), so cancel until it is done, and empty the queue meanwhile so
+        that a put never blocks it."""
+        task, self._task = self._task, None
+        while task is not None and not task.done():
+            task.cancel()
+            while not self._queue.empty():
+                self._queue.get_nowait()
+            await asyncio.wait({task}, timeout=0.5)
+        if task is not None:
             with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
-            self._task = None
+                task.result()
 
     async def _run(self) -> None:
         try:
@@ -170,7 +177,7 @@ class Follower:
             while True:
                 try:
                     msgs = await sub.fetch(self._fetch, timeout=1.0)
-                except nats.errors.TimeoutError:
+                except TimeoutError:  # nats-py raises its own subclass, or asyncio's under load
                     continue
                 for msg in msgs:
                     seq = msg.metadata.sequence.stream

@@ -52,6 +52,15 @@ _CHANGE_TAG: Final = b"\x1a"  # Message.change = 3, length-delimited
 _FRAMES_PER_TABLE: Final = 16  # row sizes remembered per table and operation
 _ADVANCE: Final = b"SELECT pgcapture.advance_source($1, $2::pg_lsn, $3::pg_lsn, $4, $5)"
 _SET_PATH: Final = b"SELECT pg_catalog.set_config('search_path', $1, true)"
+_SET_SETTINGS: Final = (
+    b"SELECT pg_catalog.set_config(s.key, s.value, true) "
+    b"FROM pg_catalog.jsonb_each_text($1::pg_catalog.jsonb) AS s"
+)
+_RESET_SETTINGS: Final = (  # back to the apply session's own values
+    b"SELECT pg_catalog.set_config(p.name, p.reset_val, true) FROM pg_catalog.pg_settings AS p "
+    b"WHERE p.name IN (SELECT pg_catalog.lower(k) "
+    b"FROM pg_catalog.jsonb_object_keys($1::pg_catalog.jsonb) AS k)"
+)
 _RESOLVE: Final = (
     b"SELECT n.nspname, c.relname FROM pg_catalog.pg_class c "
     b"JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
@@ -465,6 +474,12 @@ class Applier:
         pipe = self._pipe
         if ddl.search_path is not None:
             pipe.query(_SET_PATH, [ddl.search_path.encode()], expect=Expect("setting search_path"))
+        if ddl.settings is not None:
+            pipe.query(
+                _SET_SETTINGS,
+                [ddl.settings.encode()],
+                expect=Expect("setting the source's settings"),
+            )
         pipe.query(
             ddl.sql.encode(),
             expect=Expect(
@@ -487,6 +502,10 @@ class Applier:
                     ((res.get_value(0, 0) or b"").decode(), (res.get_value(0, 1) or b"").decode())
                 )
         pipe.query(_SET_PATH, [self._search_path.encode()], expect=Expect("resetting search_path"))
+        if ddl.settings is not None:
+            pipe.query(
+                _RESET_SETTINGS, [ddl.settings.encode()], expect=Expect("resetting the settings")
+            )
         pipe.query(b"DEALLOCATE ALL", expect=Expect("DEALLOCATE ALL"))
         pipe.forget_prepared()
         self._catalog.clear()

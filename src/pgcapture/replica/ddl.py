@@ -12,9 +12,10 @@ skip it. The rules:
   would lock them and recompute from the replica), CREATE/ALTER/DROP PUBLICATION and
   SUBSCRIPTION (replication settings of the source, not schema), statements whose objects all
   live in the ``pgcapture`` schema, and rows listed in ``--skip-ddl``.
-* ``CONCURRENTLY`` is dropped from CREATE INDEX and DROP INDEX: the statement then runs inside
-  the apply transaction, atomically with the replica position, instead of needing a transaction
-  of its own (the replica has no writers to keep going meanwhile).
+* ``CONCURRENTLY`` is dropped from CREATE INDEX, DROP INDEX and ALTER TABLE ... DETACH
+  PARTITION: the statement then runs inside the apply transaction, atomically with the replica
+  position, instead of needing a transaction of its own (the replica has no writers to keep
+  going meanwhile); ``DETACH PARTITION ... FINALIZE`` is then skipped.
 * CREATE TABLE AS and SELECT INTO create and fill the table from the replica's own data; when
   the source's rows for the new table follow in the same transaction, they replace those
   (``creates``), so the replica holds the source's rows even for a query that would give other
@@ -55,6 +56,7 @@ class Ddl:
     sql: str | None
     search_path: str | None
     skip: str | None = None
+    settings: str | None = None  # the source session's settings, a JSON object
     creates: tuple[str | None, str] | None = None  # CTAS / SELECT INTO target (schema, name)
 
     def describe(self) -> str:
@@ -100,6 +102,12 @@ def decide(change: pb.Change, skip_ids: frozenset[int] = frozenset()) -> Ddl:
     ident, query, activity = ddl_row(change)
     search_path = activity.get("search_path")
     path = search_path if isinstance(search_path, str) else None
+    found = activity.get("settings")
+    settings = (
+        json.dumps({k: v for k, v in found.items() if isinstance(v, str)})
+        if isinstance(found, dict) and found
+        else None
+    )
 
     def skipped(reason: str) -> Ddl:
         return Ddl(ident, query, None, path, reason)
@@ -130,9 +138,9 @@ def decide(change: pb.Change, skip_ids: frozenset[int] = frozenset()) -> Ddl:
     try:
         statements = parse_sql(query)
     except Exception:  # the server ran it: let the replica's parser judge
-        return Ddl(ident, query, query, path)
+        return Ddl(ident, query, query, path, settings=settings)
     if len(statements) != 1:
-        return Ddl(ident, query, query, path)
+        return Ddl(ident, query, query, path, settings=settings)
     stmt = statements[0].stmt
     skip_drop = (ObjectType.OBJECT_PUBLICATION, ObjectType.OBJECT_SUBSCRIPTION)
     if type(stmt).__name__ in _SKIP_NODES or (
@@ -141,7 +149,20 @@ def decide(change: pb.Change, skip_ids: frozenset[int] = frozenset()) -> Ddl:
         return skipped(f"{type(stmt).__name__} is not replicated")
     if isinstance(stmt, ast.IndexStmt | ast.DropStmt) and getattr(stmt, "concurrent", False):
         stmt.concurrent = False
-        return Ddl(ident, query, RawStream()(stmt), path)
+        return Ddl(ident, query, RawStream()(stmt), path, settings=settings)
+    if isinstance(stmt, ast.AlterTableStmt):
+        commands = [c for c in stmt.cmds or () if isinstance(c, ast.AlterTableCmd)]
+        kinds = {c.subtype.name for c in commands if c.subtype is not None}
+        if kinds == {"AT_DetachPartitionFinalize"}:
+            return skipped("the replica detached the partition at once, not concurrently")
+        detach = [
+            c.def_ for c in commands
+            if isinstance(c.def_, ast.PartitionCmd) and c.def_.concurrent
+        ]  # fmt: skip
+        if detach:
+            for cmd in detach:
+                cmd.concurrent = False
+            return Ddl(ident, query, RawStream()(stmt), path, settings=settings)
     into = None
     if isinstance(stmt, ast.CreateTableAsStmt) and stmt.objtype == ObjectType.OBJECT_TABLE:
         into = stmt.into
@@ -150,4 +171,4 @@ def decide(change: pb.Change, skip_ids: frozenset[int] = frozenset()) -> Ddl:
     creates = None
     if into is not None and into.rel is not None and into.rel.relname:
         creates = (into.rel.schemaname or None, str(into.rel.relname))
-    return Ddl(ident, query, query, path, creates=creates)
+    return Ddl(ident, query, query, path, creates=creates, settings=settings)

@@ -160,7 +160,8 @@ async def replicate(
             metrics.errors.labels(source.name, type(exc).__name__).inc()
             delay = backoff.next(session.progressed)
             log.warning(
-                "replication of %s interrupted: %s; resuming in %.1fs", source.name, exc, delay,
+                "replication of %s interrupted: %s; resuming in %.1fs", source.name,
+                str(exc) or repr(exc), delay,
                 extra={"source": source.name, "error": type(exc).__name__},
             )  # fmt: skip
             with contextlib.suppress(TimeoutError):

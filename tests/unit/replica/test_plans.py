@@ -149,3 +149,15 @@ def test_ddl_rules() -> None:
     assert decide(_ddl_change("SELECT 1 INTO n")).creates == (None, "n")
     with pytest.raises(DdlNotReplayable, match="--skip-ddl 9"):
         decide(_ddl_change("CREATE TABLE a (); CREATE TABLE b ()", 9, exact=False, reason="r"))
+
+
+def test_detach_concurrently_and_session_settings() -> None:
+    detach = decide(_ddl_change("ALTER TABLE p DETACH PARTITION p_a CONCURRENTLY"))
+    assert detach.sql == "ALTER TABLE p DETACH PARTITION p_a"
+    assert decide(_ddl_change("ALTER TABLE p DETACH PARTITION p_a FINALIZE")).skip
+    settings = {"TimeZone": "Asia/Tokyo", "DateStyle": "ISO, DMY"}
+    ddl = decide(
+        _ddl_change("ALTER TABLE t ADD at timestamptz DEFAULT '1/2/2020'", settings=settings)
+    )
+    assert ddl.settings is not None
+    assert json.loads(ddl.settings) == settings
