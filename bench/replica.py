@@ -522,6 +522,16 @@ class Apply:
     def ratio(self) -> float:
         return median(self.native) / median(self.ours)
 
+    @property
+    def native_applying(self) -> float:
+        """Median seconds from the apply worker's connection to the marker."""
+        return median(t - s for t, s in zip(self.native, self.native_start, strict=True))
+
+    @property
+    def ours_applying(self) -> float:
+        """Median seconds from replicate's connection to the marker (start-up excluded)."""
+        return median(t - s for t, s in zip(self.ours, self.ours_start, strict=True))
+
 
 def measure_apply(
     source: LocalPostgres,
@@ -836,13 +846,16 @@ def main() -> None:
 def print_apply(results: list[Apply], repeat: int) -> None:
     print(f"\napply (medians of {repeat}; ratio = native / pgcapture, > 1: pgcapture is faster)\n")
     print("| workload | transactions | rows | native s | pgcapture s | ratio "
-          "| native rows/s | pgcapture rows/s |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|")
+          "| native rows/s | pgcapture rows/s | native s after connecting "
+          "| pgcapture s after connecting | ratio after connecting |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         w, native, ours = r.workload, median(r.native), median(r.ours)
+        after = r.native_applying / r.ours_applying
         print(
             f"| {w.label} | {w.transactions:,} | {w.rows:,} | {native:.2f} | {ours:.2f} "
-            f"| {r.ratio:.2f} | {w.rows / native:,.0f} | {w.rows / ours:,.0f} |"
+            f"| {r.ratio:.2f} | {w.rows / native:,.0f} | {w.rows / ours:,.0f} "
+            f"| {r.native_applying:.2f} | {r.ours_applying:.2f} | {after:.2f} |"
         )
     print("\nWhere the time goes (medians): seconds until the apply worker or replicate connected")
     print("to the replica database; CPU seconds of the replicate process, the replica cluster,")
