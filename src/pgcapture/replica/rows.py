@@ -73,7 +73,9 @@ def scan_change(msg: bytes) -> Row | None:
         return None
 
 
-def _scan(msg: bytes) -> Row | None:
+def _head(msg: bytes) -> tuple[int, int, int] | None:
+    """Where a ``Message{change}``'s head starts, where its fields start and where it ends
+    (IndexError on truncated bytes)."""
     if msg[0] != _CHANGE:
         return None
     size = msg[1]
@@ -95,6 +97,14 @@ def _scan(msg: bytes) -> Row | None:
             p = q + length
         else:
             p += 2 + length
+    return pos, p, end
+
+
+def _scan(msg: bytes) -> Row | None:
+    found = _head(msg)
+    if found is None:
+        return None
+    pos, p, end = found
     head = msg[pos:p]
     parts: list[bytes] = []
     spans: list[tuple[int, int] | None] = []
@@ -150,29 +160,10 @@ def _scan(msg: bytes) -> Row | None:
 def read_head(msg: bytes) -> tuple[bytes, int] | None:
     """The head of a wire ``Message{change}`` and where its fields start."""
     try:
-        if msg[0] != _CHANGE:
-            return None
-        size = msg[1]
-        pos = 2
-        if size & 0x80:
-            size, pos = _varint(msg, 1)
-        if pos + size != len(msg):
-            return None
-        p = pos
-        if msg[p] == 0x08:
-            p += 2
-        for tag in (0x12, 0x1A):
-            if msg[p] != tag:
-                return None
-            length = msg[p + 1]
-            if length & 0x80:
-                length, q = _varint(msg, p + 1)
-                p = q + length
-            else:
-                p += 2 + length
-        return msg[pos:p], p
+        found = _head(msg)
     except IndexError:
         return None
+    return (msg[found[0] : found[1]], found[1]) if found is not None else None
 
 
 def read_values(
