@@ -217,7 +217,7 @@ class Applier:
                 done, row = self._known(message, lsn)
                 if not done:
                     await self._change(pb.Message.FromString(message).change, lsn, row)
-                elif self._queued >= self._settings.queue_rows:
+                if self._queued >= self._settings.queue_rows:
                     await self._send_queued()
                 continue
             msg = pb.Message.FromString(message)
@@ -318,12 +318,7 @@ class Applier:
                 values = frame.values(message)
                 if values is not None:
                     count = frame.new
-                    new, old = values[:count], values[count:]
-                    if plan.key_check and plan.moves_key(new, old):
-                        return False, None
-                    params = new if plan.direct else plan.params(new, old)
-                    self._queue(target, params, plan, lsn)
-                    return True, None
+                    return self._queue(target, plan, values[:count], values[count:], lsn), None
         found = read_head(message)
         if found is None:
             return False, None
@@ -333,30 +328,33 @@ class Applier:
             images = read_values(message, start, known[0])
             if images is not None:
                 _, plan, target = known
-                new, old = images
-                if plan.key_check and plan.moves_key(new, old):
-                    return False, None
-                self._queue(target, new if plan.direct else plan.params(new, old), plan, lsn)
-                return True, None
+                return self._queue(target, plan, *images, lsn), None
         row = scan_change(message)
         if row is None:
             return False, None
-        plan_ = self._fast.get((row.head, row.shape, len(row.new)))
+        seen = self._fast.get((row.head, row.shape, len(row.new)))
         table = self._heads.get(row.head)
-        if plan_ is None or table is None:
+        if seen is None or table is None:
             return False, row
-        self._layouts[head] = (Layout.of(row), plan_, table)
+        self._layouts[head] = (Layout.of(row), seen, table)
         if learning:
             self._framed[head] = self._framed.get(head, 0) + 1
-            self._frames.setdefault(len(message), []).append((Frame(message, row), plan_, table))
-        if plan_.key_check and plan_.moves_key(row.new, row.old):
-            return False, row
-        self._queue(table, plan_.params(row.new, row.old), plan_, lsn)
-        return True, None
+            self._frames.setdefault(len(message), []).append((Frame(message, row), seen, table))
+        return self._queue(table, seen, row.new, row.old, lsn), row
 
     def _queue(
-        self, target: tuple[str, str], params: list[bytes | None], plan: Plan, lsn: int
-    ) -> None:
+        self,
+        target: tuple[str, str],
+        plan: Plan,
+        new: list[bytes | None],
+        old: list[bytes | None],
+        lsn: int,
+    ) -> bool:
+        """Queue a change with its plan; False when it moves its row's key, which needs the
+        key-change plan (the slow path)."""
+        if plan.key_check and plan.moves_key(new, old):
+            return False
+        params = plan.params(new, old)
         runs = self._queues.get(target)
         if runs is None:
             runs = self._queues[target] = []
@@ -367,6 +365,7 @@ class Applier:
             run.add(params, lsn)
             runs.append(run)
         self._queued += 1
+        return True
 
     async def _change(self, change: pb.Change, lsn: int, row: Row | None) -> None:
         """A change off the fast path: its plan is new, or its bytes are laid out otherwise."""
@@ -400,9 +399,7 @@ class Applier:
             plan = self._plans.get(moved) or await self._compile(
                 moved, schema, name, op, new_shape, old_shape, True
             )
-        self._queue(target, new if plan.direct else plan.params(new, old), plan, lsn)
-        if self._queued >= self._settings.queue_rows:
-            await self._send_queued()
+        self._queue(target, plan, new, old, lsn)
 
     async def _compile(
         self,

@@ -76,6 +76,8 @@ class Plan:
         return any(new[n] != old[o] for o, n in self.key_check)
 
     def params(self, new: list[bytes | None], old: list[bytes | None]) -> list[bytes | None]:
+        if self.direct:
+            return new
         images = (new, old)
         values = [images[image][index] for image, index in self.take]
         for position, fixer in self.fixes:
