@@ -16,60 +16,40 @@ from typing import Any
 
 import click
 
-from pgcapture.config import Config, load_config, parse_value
-from pgcapture.errors import ConfigError
+from pgcapture.cli.options import config_option, pick_source, set_option, with_settings
+from pgcapture.config import Config, load_config
 from pgcapture.ops.logs import setup_logging
 from pgcapture.ops.service import serve_capture
 
 
 def _overrides(source: str, flags: dict[str, Any], settings: tuple[str, ...]) -> dict[str, Any]:
     src = f"sources.{source}"
-    out: dict[str, Any] = {
-        "nats.url": flags["nats"],
-        f"{src}.dsn": flags["dsn"],
-        f"{src}.slot": flags["slot"],
-        f"{src}.publication": flags["publication"],
-        f"{src}.tables": _split(flags["tables"]),
-        f"{src}.stream.replicas": flags["replicas"],
-        f"{src}.stream.storage": flags["storage"],
-        f"{src}.stream.max_age": flags["max_age"],
-        f"{src}.stream.max_bytes": flags["max_bytes"],
-        f"{src}.lock.wait": flags["lock_wait"],
-        "metrics.listen": flags["metrics_listen"],
-        "log.level": flags["log_level"],
-        "log.format": flags["log_format"],
-    }
-    for setting in settings:
-        key, sep, value = setting.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"--set {setting!r} is not KEY=VALUE, e.g. --set nats.name=capture-1")
-        out[key.strip()] = parse_value(value)
-    return out
+    return with_settings(
+        {
+            "nats.url": flags["nats"],
+            f"{src}.dsn": flags["dsn"],
+            f"{src}.slot": flags["slot"],
+            f"{src}.publication": flags["publication"],
+            f"{src}.tables": _split(flags["tables"]),
+            f"{src}.stream.replicas": flags["replicas"],
+            f"{src}.stream.storage": flags["storage"],
+            f"{src}.stream.max_age": flags["max_age"],
+            f"{src}.stream.max_bytes": flags["max_bytes"],
+            f"{src}.lock.wait": flags["lock_wait"],
+            "metrics.listen": flags["metrics_listen"],
+            "log.level": flags["log_level"],
+            "log.format": flags["log_format"],
+        },
+        settings,
+    )
 
 
 def _split(tables: str | None) -> list[str] | None:
     return [t.strip() for t in tables.split(",") if t.strip()] if tables else None
 
 
-def _pick_source(config_path: Path | None, source: str | None) -> str:
-    if source:
-        return source
-    if config_path is not None:
-        names = list(load_config(config_path, os.environ).sources)
-        if len(names) == 1:
-            return names[0]
-        raise ConfigError(
-            f"the configuration has {len(names)} sources ({', '.join(names) or 'none'}); "
-            "choose one with --source NAME"
-        )
-    raise ConfigError("--source NAME is required (with --dsn, or a configuration file)")
-
-
 @click.command()
-@click.option(
-    "--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
-    envvar="PGCAPTURE_CONFIG", help="Configuration file (TOML). Env: PGCAPTURE_CONFIG.",
-)  # fmt: skip
+@config_option
 @click.option("--source", help="Source name (a [sources.NAME] section; names the stream).")
 @click.option("--dsn", help="libpq connection string of the source database.")
 @click.option("--nats", help="NATS server URL(s), comma-separated.")
@@ -84,10 +64,7 @@ def _pick_source(config_path: Path | None, source: str | None) -> str:
 @click.option("--metrics-listen", help='HOST:PORT for /metrics and /healthz, e.g. ":9187".')
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]))
 @click.option("--log-format", type=click.Choice(["json", "text"]))
-@click.option(
-    "--set", "settings", multiple=True, metavar="KEY=VALUE",
-    help="Any configuration key, e.g. --set sources.app.batch.linger=10ms (repeatable).",
-)  # fmt: skip
+@set_option("sources.app.batch.linger=10ms")
 def capture(
     config_path: Path | None, source: str | None, settings: tuple[str, ...], **flags: Any
 ) -> None:
@@ -98,7 +75,7 @@ def capture(
       pgcapture capture --dsn "host=/tmp dbname=app" --nats nats://127.0.0.1:4222 --source app
       pgcapture capture --config pgcapture.toml --source app --metrics-listen :9187
     """
-    name = _pick_source(config_path, source)
+    name = pick_source(config_path, source)
     if flags.get("replicas"):
         flags["replicas"] = int(flags["replicas"])
     config = load_config(config_path, os.environ, _overrides(name, flags, settings))

@@ -16,8 +16,8 @@ from typing import Any
 
 import click
 
-from pgcapture.cli.capture import _pick_source
-from pgcapture.config import Config, load_config, parse_value
+from pgcapture.cli.options import config_option, pick_source, set_option, with_settings
+from pgcapture.config import Config, load_config
 from pgcapture.errors import ConfigError
 from pgcapture.ops.logs import setup_logging
 from pgcapture.replica.service import serve_replicate
@@ -25,29 +25,23 @@ from pgcapture.replica.service import serve_replicate
 
 def _overrides(source: str, flags: dict[str, Any], settings: tuple[str, ...]) -> dict[str, Any]:
     rep = f"sources.{source}.replica"
-    out: dict[str, Any] = {
-        "nats.url": flags["nats"],
-        f"{rep}.dsn": flags["dsn"],
-        f"{rep}.max_changes": flags["max_changes"],
-        f"{rep}.max_delay": flags["max_delay"],
-        f"{rep}.skip_ddl": list(flags["skip_ddl"]) or None,
-        "metrics.listen": flags["metrics_listen"],
-        "log.level": flags["log_level"],
-        "log.format": flags["log_format"],
-    }
-    for setting in settings:
-        key, sep, value = setting.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"--set {setting!r} is not KEY=VALUE, e.g. --set log.level=debug")
-        out[key.strip()] = parse_value(value)
-    return out
+    return with_settings(
+        {
+            "nats.url": flags["nats"],
+            f"{rep}.dsn": flags["dsn"],
+            f"{rep}.max_changes": flags["max_changes"],
+            f"{rep}.max_delay": flags["max_delay"],
+            f"{rep}.skip_ddl": list(flags["skip_ddl"]) or None,
+            "metrics.listen": flags["metrics_listen"],
+            "log.level": flags["log_level"],
+            "log.format": flags["log_format"],
+        },
+        settings,
+    )
 
 
 @click.command()
-@click.option(
-    "--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
-    envvar="PGCAPTURE_CONFIG", help="Configuration file (TOML). Env: PGCAPTURE_CONFIG.",
-)  # fmt: skip
+@config_option
 @click.option("--source", help="Source name (a [sources.NAME] section; names the stream).")
 @click.option("--dsn", help="libpq connection string of the replica database.")
 @click.option("--nats", help="NATS server URL(s), comma-separated.")
@@ -65,10 +59,7 @@ def _overrides(source: str, flags: dict[str, Any], settings: tuple[str, ...]) ->
 @click.option("--metrics-listen", help='HOST:PORT for /metrics and /healthz, e.g. ":9188".')
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]))
 @click.option("--log-format", type=click.Choice(["json", "text"]))
-@click.option(
-    "--set", "settings", multiple=True, metavar="KEY=VALUE",
-    help="Any configuration key, e.g. --set sources.app.replica.max_delay=500ms (repeatable).",
-)  # fmt: skip
+@set_option("sources.app.replica.max_delay=500ms")
 def replicate(
     config_path: Path | None,
     source: str | None,
@@ -83,7 +74,7 @@ def replicate(
       pgcapture replicate --nats nats://127.0.0.1:4222 --source app --dsn "dbname=replica"
       pgcapture replicate --config pgcapture.toml --source app --metrics-listen :9188
     """
-    name = _pick_source(config_path, source)
+    name = pick_source(config_path, source)
     config = load_config(config_path, os.environ, _overrides(name, flags, settings))
     src = config.source(name, need_dsn=False)
     if not src.replica.dsn:
