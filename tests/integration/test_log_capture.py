@@ -11,7 +11,6 @@ import contextlib
 import itertools
 import json
 import sys
-from collections.abc import Awaitable, Callable
 
 import nats as natslib
 import pytest
@@ -19,7 +18,9 @@ from log_helpers import (
     WORKLOAD,
     assert_same_log,
     capturing,
+    http_get,
     make_config,
+    poll,
     prepare_slots,
     reference,
     run_sql,
@@ -177,21 +178,6 @@ async def test_missing_database_is_a_clear_permanent_error(
     source = next(iter(config.sources.values()))
     with pytest.raises(SourceError, match=r'"no_such_db" does not exist.*check the source'):
         await asyncio.wait_for(run_capture(source, config.nats, asyncio.Event()), 20)
-
-
-async def http_get(port: int, path: str) -> tuple[int, bytes]:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-    data = await asyncio.wait_for(reader.read(), 10)
-    writer.close()
-    head, _, body = data.partition(b"\r\n\r\n")
-    return int(head.split()[1]), body
-
-
-async def poll(check: Callable[[], Awaitable[bool]], seconds: float = 20) -> None:
-    async with asyncio.timeout(seconds):
-        while not await check():
-            await asyncio.sleep(0.1)
 
 
 async def test_metrics_and_health_endpoint(dsn: str, nats: LocalNats) -> None:

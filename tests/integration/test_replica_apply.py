@@ -10,12 +10,12 @@ from collections.abc import AsyncIterator, Iterator
 
 import psycopg
 import pytest
-from log_helpers import capturing, make_config, run_sql
-from test_log_capture import free_port, http_get, poll
+from log_helpers import capturing, http_get, make_config, poll, run_sql
 
 from pgcapture.config import Config
 from pgcapture.errors import ConfigError
 from pgcapture.local import LocalNats, LocalPostgres
+from pgcapture.local.postgres import free_port
 from pgcapture.lsn import LSN
 from pgcapture.replica.ddl import DdlNotReplayable
 from pgcapture.replica.pipeline import ApplyFailed
