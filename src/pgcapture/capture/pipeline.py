@@ -26,7 +26,6 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from nats.aio.client import Client as NATS
@@ -41,6 +40,7 @@ from pgcapture.log.client import connect_nats
 from pgcapture.log.lease import Lease
 from pgcapture.log.stream import StreamSettings, ensure_stream, read_tail
 from pgcapture.log.writer import StreamWriter
+from pgcapture.ops.http import ServiceStatus
 
 log = logging.getLogger("pgcapture.capture")
 BUFFER_RECORDS = 16384  # records read and not yet batched before the reader waits
@@ -84,13 +84,13 @@ class CaptureSession:
         nats_cfg: NatsConfig,
         owner: str,
         wrap: WriterWrapper | None = None,
-        status: CaptureStatus | None = None,
+        status: ServiceStatus | None = None,
     ) -> None:
         self.source = source
         self.nats_cfg = nats_cfg
         self.owner = owner
         self.wrap = wrap
-        self.status = status or CaptureStatus()
+        self.status = status or ServiceStatus()
         self.settings = stream_settings(source)
         self.acked_batches = 0
         self._lost = asyncio.Event()
@@ -337,19 +337,3 @@ async def _next(
     if stopping in done:
         return None
     return buffer.take()
-
-
-@dataclass
-class CaptureStatus:
-    """What ``run_capture`` is doing, for the health endpoint and logs."""
-
-    state: str = "connecting"  # connecting | running | retrying | stopped | failed
-    sessions: int = 0
-    last_error: str = ""
-    changed: float = field(default_factory=time.time)
-
-    def set(self, state: str, error: BaseException | None = None) -> None:
-        self.state = state
-        self.changed = time.time()
-        if error is not None:
-            self.last_error = f"{type(error).__name__}: {error}"

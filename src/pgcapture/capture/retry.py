@@ -21,10 +21,11 @@ import nats.errors
 import nats.js.errors
 import psycopg
 
-from pgcapture.capture.pipeline import CaptureSession, CaptureStatus, WriterWrapper
+from pgcapture.capture.pipeline import CaptureSession, WriterWrapper
 from pgcapture.config import NatsConfig, SourceConfig
 from pgcapture.errors import ConnectionLost, PgCaptureError, SlotInUse, SourceError
 from pgcapture.log.lease import new_owner_id
+from pgcapture.ops.http import ServiceStatus
 
 log = logging.getLogger("pgcapture.capture")
 
@@ -50,11 +51,11 @@ async def run_capture(
     nats_cfg: NatsConfig,
     stop: asyncio.Event,
     wrap: WriterWrapper | None = None,
-    status: CaptureStatus | None = None,
+    status: ServiceStatus | None = None,
     on_error: Callable[[BaseException], None] | None = None,
 ) -> None:
     """Capture ``source`` until ``stop`` is set, reconnecting after transient failures."""
-    status = status or CaptureStatus()
+    status = status or ServiceStatus()
     owner = new_owner_id()
     backoff = Backoff()
     while not stop.is_set():

@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -19,6 +21,36 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from pgcapture.errors import ConfigError
 
 HealthCheck = Callable[[], tuple[bool, dict[str, Any]]]
+
+
+@dataclass
+class ServiceStatus:
+    """What a service (capture, replicate) is doing, for the health endpoint and logs."""
+
+    state: str = "connecting"  # connecting | running | retrying | stopped | failed
+    sessions: int = 0
+    last_error: str = ""
+    changed: float = field(default_factory=time.time)
+
+    def set(self, state: str, error: BaseException | None = None) -> None:
+        self.state = state
+        self.changed = time.time()
+        if error is not None:
+            self.last_error = f"{type(error).__name__}: {error}"
+
+    def health(self, **detail: Any) -> tuple[bool, dict[str, Any]]:
+        """Healthy while running; the body says the state, since when, and ``detail``."""
+        ok = self.state == "running"
+        body: dict[str, Any] = {
+            "status": "ok" if ok else "unavailable",
+            "state": self.state,
+            "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.changed)),
+            "sessions": self.sessions,
+            **detail,
+        }
+        if self.last_error:
+            body["last_error"] = self.last_error
+        return ok, body
 
 
 def parse_listen(listen: str) -> tuple[str, int]:

@@ -13,36 +13,27 @@ import contextlib
 import time
 from typing import Any
 
-from pgcapture.capture.pipeline import CaptureStatus, LogWriter
+from pgcapture.capture.pipeline import LogWriter
 from pgcapture.capture.retry import run_capture
 from pgcapture.config import Config, SourceConfig
 from pgcapture.log.writer import StreamWriter
-from pgcapture.ops.http import OpsServer
+from pgcapture.ops.http import OpsServer, ServiceStatus
 from pgcapture.ops.metrics import CaptureMetrics, MeteredWriter, SlotLagMonitor
 
 
 def health(
-    status: CaptureStatus, metrics: CaptureMetrics, lag: SlotLagMonitor
+    status: ServiceStatus, metrics: CaptureMetrics, lag: SlotLagMonitor
 ) -> tuple[bool, dict[str, Any]]:
-    ok = status.state == "running"
-    detail: dict[str, Any] = {
-        "status": "ok" if ok else "unavailable",
-        "state": status.state,
-        "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(status.changed)),
-        "sessions": status.sessions,
-        "slot_lag_bytes": lag.lag,
-    }
+    detail: dict[str, Any] = {"slot_lag_bytes": lag.lag}
     if metrics.last_ack:
         detail["seconds_since_last_ack"] = round(time.monotonic() - metrics.last_ack, 3)
-    if status.last_error:
-        detail["last_error"] = status.last_error
-    return ok, detail
+    return status.health(**detail)
 
 
 async def serve_capture(config: Config, source: SourceConfig, stop: asyncio.Event) -> None:
     """Capture ``source`` until ``stop``; metrics and health on ``config.metrics.listen``."""
     metrics = CaptureMetrics(source.name)
-    status = CaptureStatus()
+    status = ServiceStatus()
     lag = SlotLagMonitor(
         source.dsn, source.slot_name, metrics,
         config.metrics.slot_lag_warn, config.metrics.slot_lag_interval,

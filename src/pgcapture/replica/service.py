@@ -20,7 +20,6 @@ import asyncio
 import contextlib
 import logging
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import nats.errors
@@ -35,7 +34,7 @@ from pgcapture.log.client import connect_nats
 from pgcapture.log.follow import Follower, StreamMissing, locate
 from pgcapture.log.stream import read_tail
 from pgcapture.lsn import LSN
-from pgcapture.ops.http import OpsServer
+from pgcapture.ops.http import OpsServer, ServiceStatus
 from pgcapture.replica.apply import Applied, Applier, ApplySettings, source_time
 from pgcapture.replica.pipeline import ApplyFailed, Pipeline
 from pgcapture.replica.store import (
@@ -109,20 +108,6 @@ class ReplicaMetrics:
         self.lag_seconds.labels(self.source).set(max(0.0, lag))
 
 
-@dataclass
-class ReplicaStatus:
-    state: str = "starting"
-    last_error: str = ""
-    sessions: int = 0
-    changed: float = field(default_factory=time.time)
-
-    def set(self, state: str, error: BaseException | None = None) -> None:
-        self.state = state
-        self.changed = time.time()
-        if error is not None:
-            self.last_error = f"{type(error).__name__}: {error}"
-
-
 def _transient(exc: BaseException) -> bool:
     if isinstance(exc, StreamMissing):
         return True  # capture creates it; wait for it
@@ -139,12 +124,12 @@ async def replicate(
     settings: ApplySettings | None = None,
     from_start: bool = False,
     metrics: ReplicaMetrics | None = None,
-    status: ReplicaStatus | None = None,
+    status: ServiceStatus | None = None,
 ) -> None:
     """Apply ``source``'s stream to the replica until ``stop``; restart after transient errors."""
     settings = settings or ApplySettings()
     metrics = metrics or ReplicaMetrics(source.name)
-    status = status or ReplicaStatus()
+    status = status or ServiceStatus()
     backoff = Backoff()
     while not stop.is_set():
         session = _Session(config, source, replica_dsn, settings, metrics, status)
@@ -178,7 +163,7 @@ class _Session:
         replica_dsn: str,
         settings: ApplySettings,
         metrics: ReplicaMetrics,
-        status: ReplicaStatus,
+        status: ServiceStatus,
     ) -> None:
         self.config = config
         self.source = source
@@ -294,18 +279,8 @@ async def _prepare_session(conn: psycopg.AsyncConnection[Any]) -> str:
     return str(row[0]) if row else "public"
 
 
-def health(status: ReplicaStatus, metrics: ReplicaMetrics) -> tuple[bool, dict[str, Any]]:
-    ok = status.state == "running"
-    detail: dict[str, Any] = {
-        "status": "ok" if ok else "unavailable",
-        "state": status.state,
-        "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(status.changed)),
-        "sessions": status.sessions,
-        "applied_lsn": str(LSN(metrics.applied)),
-    }
-    if status.last_error:
-        detail["last_error"] = status.last_error
-    return ok, detail
+def health(status: ServiceStatus, metrics: ReplicaMetrics) -> tuple[bool, dict[str, Any]]:
+    return status.health(applied_lsn=str(LSN(metrics.applied)))
 
 
 async def serve_replicate(
@@ -318,7 +293,7 @@ async def serve_replicate(
         rep.max_changes, rep.max_delay, rep.queue_rows, frozenset(rep.skip_ddl)
     )
     metrics = ReplicaMetrics(source.name)
-    status = ReplicaStatus()
+    status = ServiceStatus()
     server = OpsServer(metrics.registry, lambda: health(status, metrics))
     if config.metrics.listen:
         await server.start(config.metrics.listen)
