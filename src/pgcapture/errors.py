@@ -11,7 +11,16 @@ the value involved and the fix (DESIGN.md, contract 8)::
     │   └── SlotInUse          the replication slot is active in another process
     ├── ProtocolError          the server sent bytes we cannot make sense of
     │   └── DecodeError        malformed or truncated pgoutput message (tag and offset)
-    └── ConnectionLost         a connection dropped; the caller may retry
+    ├── ConnectionLost         a connection dropped; the caller may retry
+    ├── ReplicaError           the replica cannot take a change; nothing of the batch is applied
+    │   ├── ReplicaBusy        another replicate writes to the database   (replica.store)
+    │   ├── ApplyFailed        the replica refused a statement, or a change touched other
+    │   │                      rows than it had to                        (replica.pipeline)
+    │   ├── SchemaMismatch     a table or column differs from the source  (replica.plans)
+    │   └── DdlNotReplayable   a DDL row that must not run automatically  (replica.ddl)
+    ├── StreamGap / StreamMissing   the stream lost unapplied changes / does not exist yet
+    │                                                                     (log.follow)
+    └── BootstrapError         a replica cannot be bootstrapped as asked  (replica.bootstrap)
 """
 
 from __future__ import annotations
@@ -61,3 +70,7 @@ class DecodeError(ProtocolError):
 
 class ConnectionLost(PgCaptureError):
     """A server connection dropped; retrying later may succeed."""
+
+
+class ReplicaError(PgCaptureError):
+    """The replica cannot take a change as it is; nothing of the failing batch was applied."""

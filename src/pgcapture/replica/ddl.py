@@ -29,8 +29,8 @@ import struct
 from dataclasses import dataclass
 from typing import Any, Final
 
+from pgcapture.errors import ReplicaError
 from pgcapture.proto import pb
-from pgcapture.replica.store import ReplicaError
 
 _I32 = struct.Struct(">i")
 _SKIP_NODES: Final = (

@@ -24,8 +24,7 @@ from typing import Any
 import psycopg
 from psycopg import pq
 
-from pgcapture.errors import ConnectionLost
-from pgcapture.replica.store import ReplicaError
+from pgcapture.errors import ConnectionLost, ReplicaError
 
 _OK = (pq.ExecStatus.COMMAND_OK, pq.ExecStatus.TUPLES_OK)
 _SYNC = pq.ExecStatus.PIPELINE_SYNC

@@ -31,8 +31,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final, Literal, cast
 
+from pgcapture.errors import ReplicaError
 from pgcapture.replica.catalog import FIRST_NORMAL_OID, Column, Fixer, Table, quote_ident
-from pgcapture.replica.store import ReplicaError
 
 _ARRAY_HEAD = struct.Struct(">iiIii")
 _I32 = struct.Struct(">i")

@@ -23,7 +23,7 @@ from typing import Any, Final
 
 import psycopg
 
-from pgcapture.errors import ConfigError, PgCaptureError
+from pgcapture.errors import ConfigError, ReplicaError
 from pgcapture.lsn import LSN
 
 # pg_advisory_lock's two-key form: class "pgcapture replicate", object 1.
@@ -62,10 +62,6 @@ BEGIN
 END
 $fn$;
 """
-
-
-class ReplicaError(PgCaptureError):
-    """The replica cannot take a change as it is; nothing of the failing batch was applied."""
 
 
 class ReplicaBusy(ReplicaError):
