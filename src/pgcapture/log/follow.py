@@ -23,9 +23,8 @@ import nats.js.errors
 from nats.js import JetStreamContext, api
 
 from pgcapture.checkpoint import Checkpoint
-from pgcapture.errors import ConnectionLost, PgCaptureError, ProtocolError
-from pgcapture.log.reader import StoredBatch, parse_message
-from pgcapture.log.stream import HEADER_FIRST, HEADER_LAST
+from pgcapture.errors import ConnectionLost, PgCaptureError
+from pgcapture.log.reader import StoredBatch, bounds, parse_message
 from pgcapture.lsn import format_lsn
 
 _END: Final = object()
@@ -40,12 +39,7 @@ class StreamMissing(PgCaptureError):
 
 
 async def _headers(js: JetStreamContext, stream: str, seq: int) -> tuple[Checkpoint, Checkpoint]:
-    msg = await js.get_msg(stream, seq=seq)
-    headers = msg.headers or {}
-    try:
-        return Checkpoint.from_key(headers[HEADER_FIRST]), Checkpoint.from_key(headers[HEADER_LAST])
-    except KeyError as exc:
-        raise ProtocolError(f"stream message {seq} lacks the {exc.args[0]} header") from None
+    return bounds((await js.get_msg(stream, seq=seq)).headers, seq)
 
 
 async def locate(js: JetStreamContext, stream: str, applied: int, hint_seq: int = 0) -> int:
@@ -187,12 +181,7 @@ class Follower:
                             f"{self._next} was expected: messages were removed by the "
                             "stream's retention limits before they were applied"
                         )
-                    batch = parse_message(msg, seq)
-                    if self._previous is not None and batch.first <= self._previous:
-                        raise ProtocolError(
-                            f"stream message {seq} starts at {batch.first}, not after "
-                            f"{self._previous}"
-                        )
+                    batch = parse_message(msg, seq, self._previous)
                     self._previous = batch.last
                     self._next = seq + 1
                     await self._queue.put(batch)

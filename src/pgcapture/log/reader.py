@@ -31,14 +31,21 @@ class StoredBatch:
     records: list[Record]
 
 
-def parse_message(msg: Msg, seq: int) -> StoredBatch:
-    """A stored message as a batch, checked against its own headers."""
-    headers = msg.headers or {}
+def bounds(headers: dict[str, str] | None, seq: int) -> tuple[Checkpoint, Checkpoint]:
+    """The first and last checkpoints of stream message ``seq``, from its headers."""
+    headers = headers or {}
     try:
-        first = Checkpoint.from_key(headers[HEADER_FIRST])
-        last = Checkpoint.from_key(headers[HEADER_LAST])
+        return Checkpoint.from_key(headers[HEADER_FIRST]), Checkpoint.from_key(headers[HEADER_LAST])
     except KeyError as exc:
         raise ProtocolError(f"stream message {seq} lacks the {exc.args[0]} header") from None
+
+
+def parse_message(msg: Msg, seq: int, after: Checkpoint | None = None) -> StoredBatch:
+    """A stored message as a batch, checked against its own headers and, when given, against
+    the last checkpoint of the message before it (``after``)."""
+    first, last = bounds(msg.headers, seq)
+    if after is not None and first <= after:
+        raise ProtocolError(f"stream message {seq} starts at {first}, not after {after}")
     records = decode_batch(msg.data)
     if not records or records[0].checkpoint != first or records[-1].checkpoint != last:
         raise ProtocolError(
@@ -72,11 +79,7 @@ async def read_batches(
         while True:
             msg = await sub.next_msg(patience)
             seq = msg.metadata.sequence.stream
-            batch = parse_message(msg, seq)
-            if previous is not None and batch.first <= previous:
-                raise ProtocolError(
-                    f"stream message {seq} starts at {batch.first}, not after {previous}"
-                )
+            batch = parse_message(msg, seq, previous)
             previous = batch.last
             yield batch
             if seq >= end:
