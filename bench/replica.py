@@ -442,7 +442,8 @@ async def wait_for_stream(nats_url: str, stream: str, before_marker: LSN) -> Non
 
 
 async def wait_stream_created(nats_url: str, stream: str, capture: Child) -> None:
-    """Until capture has created its stream (replicate stops when the stream is missing)."""
+    """Until capture has created its stream: replicate would wait for it with a backoff,
+    which is not what the end-to-end run measures."""
     nc = await nats.connect(nats_url)
     try:
         async with asyncio.timeout(60):
