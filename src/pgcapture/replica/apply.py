@@ -228,7 +228,7 @@ class Applier:
                         f"stream message {batch.seq}: transaction {format_lsn(lsn)} begins "
                         f"before transaction {format_lsn(self._tx_lsn)} committed"
                     )
-                await self._begin(lsn)
+                self._begin(lsn)
             elif kind == "commit":
                 if not self._in_tx:
                     raise self._outside(record.lsn, record.seq)
@@ -237,8 +237,8 @@ class Applier:
                 if not self._in_tx:
                     raise self._outside(record.lsn, record.seq)
                 await self._truncate(msg.truncate)
-        if not more and not self._in_tx and self._transactions:
-            await self.commit()
+        if not more:
+            await self.idle()
 
     async def idle(self) -> None:
         """Nothing came for a while: commit what is complete."""
@@ -251,7 +251,7 @@ class Applier:
             "inside a transaction whose beginning is no longer stored"
         )
 
-    async def _begin(self, lsn: int) -> None:
+    def _begin(self, lsn: int) -> None:
         self._in_tx = True
         self._tx_lsn = lsn
         self._tx_ddl = False

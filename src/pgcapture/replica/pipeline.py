@@ -62,31 +62,16 @@ class Pipeline:
     """One replica connection in pipeline mode (non-blocking), for the apply loop only."""
 
     def __init__(self, conn: psycopg.AsyncConnection[Any]) -> None:
-        self._conn = conn
         self._pg = conn.pgconn
         self._fd = self._pg.socket
         self._expect: deque[Expect] = deque()
         self._syncs = 0
         self._failure: ApplyFailed | None = None
         self._prepared: set[bytes] = set()
-        self.sent = 0
 
     def open(self) -> None:
         self._pg.nonblocking = 1
         self._pg.enter_pipeline_mode()
-
-    def close(self) -> None:
-        """Leave pipeline mode when the connection is idle; harmless on a broken one."""
-        try:
-            if self._pg.pipeline_status != pq.PipelineStatus.OFF and not self._expect:
-                self._pg.exit_pipeline_mode()
-            self._pg.nonblocking = 0
-        except psycopg.Error:
-            pass
-
-    @property
-    def failed(self) -> bool:
-        return self._failure is not None
 
     # ---- sending -------------------------------------------------------------------------
 
@@ -107,7 +92,6 @@ class Pipeline:
     ) -> None:
         self._pg.send_query_prepared(name, values, formats)
         self._expect.append(expect)
-        self.sent += 1
 
     def query(
         self,
@@ -119,7 +103,6 @@ class Pipeline:
         expect = expect or Expect()
         self._pg.send_query_params(sql, values, types)
         self._expect.append(expect)
-        self.sent += 1
         return expect
 
     # ---- waiting -------------------------------------------------------------------------
