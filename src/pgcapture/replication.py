@@ -83,10 +83,20 @@ class ReplicationStream:
 
     async def create_slot(self, slot: str, temporary: bool = False) -> LSN:
         """Create a pgoutput slot on this connection; returns its consistent point."""
+        return (await self._create_slot(slot, temporary, "NOEXPORT_SNAPSHOT"))[0]
+
+    async def export_snapshot(self, slot: str) -> tuple[LSN, str]:
+        """Create a temporary pgoutput slot that exports its snapshot: the consistent point and
+        the snapshot's name, usable (``SET TRANSACTION SNAPSHOT``, ``pg_dump --snapshot``) until
+        this connection runs another command or closes, which also drops the slot."""
+        lsn, name = await self._create_slot(slot, True, "(SNAPSHOT 'export')")
+        if not name:
+            raise ProtocolError("CREATE_REPLICATION_SLOT exported no snapshot")
+        return lsn, name
+
+    async def _create_slot(self, slot: str, temporary: bool, options: str) -> tuple[LSN, str]:
         temp = " TEMPORARY" if temporary else ""
-        sql = (
-            f"CREATE_REPLICATION_SLOT {quote_ident(slot)}{temp} LOGICAL pgoutput NOEXPORT_SNAPSHOT"
-        )
+        sql = f"CREATE_REPLICATION_SLOT {quote_ident(slot)}{temp} LOGICAL pgoutput {options}"
         try:
             cur = await self._conn.execute(sql)
         except psycopg.Error as exc:
@@ -94,7 +104,7 @@ class ReplicationStream:
         row = await cur.fetchone()
         if row is None:
             raise ProtocolError("CREATE_REPLICATION_SLOT returned no row")
-        return LSN.parse(row[1])
+        return LSN.parse(row[1]), str(row[2] or "")
 
     async def start(self, slot: str, start_lsn: int, options: dict[str, str]) -> None:
         """``START_REPLICATION``; data for transactions committed before the slot's confirmed

@@ -424,9 +424,7 @@ class Applier:
         return plan
 
     async def _table(self, schema: str, name: str) -> Table:
-        table = self._catalog.cached(schema, name) or await self._catalog.table(
-            self._pipe, schema, name
-        )
+        table = await self._catalog.table(self._pipe, schema, name)
         if table is None:
             raise SchemaMismatch(
                 f"table {schema}.{name} receives changes but does not exist on the replica: "

@@ -42,11 +42,17 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from pgcapture.config import SourceConfig
-from pgcapture.errors import ConfigError, ConnectionLost, PermissionDenied, PgCaptureError
+from pgcapture.errors import (
+    ConfigError,
+    ConnectionLost,
+    PermissionDenied,
+    PgCaptureError,
+    SourceError,
+)
 from pgcapture.local.postgres import find_postgres_bin
 from pgcapture.lsn import LSN
 from pgcapture.replica.store import Position, read_position, set_position
-from pgcapture.replication import quote_ident
+from pgcapture.replication import ReplicationStream
 
 log = logging.getLogger("pgcapture.bootstrap")
 
@@ -297,39 +303,17 @@ async def _check_capture_slot(conn: psycopg.AsyncConnection[Any], source: Source
 async def _exported_snapshot(dsn: str) -> AsyncIterator[tuple[LSN, str]]:
     """A temporary logical slot's consistent point and exported snapshot, valid while this
     context is open; the slot goes away with the connection."""
-    try:
-        conn = await psycopg.AsyncConnection.connect(dsn, replication="database", autocommit=True)
-    except psycopg.OperationalError as exc:
-        text = _first_line(exc)
-        if "replication" in text and ("permission" in text or "superuser" in text):
-            raise PermissionDenied(
-                f"{text}; a snapshot bootstrap opens a replication connection to the source: "
-                "grant it with ALTER ROLE <role> REPLICATION (or use a superuser)"
-            ) from exc
-        if "pg_hba.conf" in text and "replication" in text:
-            raise PermissionDenied(
-                f"{text}; add a `host replication <role> <address> <method>` line to the "
-                "source's pg_hba.conf and reload"
-            ) from exc
-        raise ConnectionLost(f"cannot open a replication connection to the source: {text}") from exc
-    slot = f"pgcapture_bootstrap_{secrets.token_hex(6)}"
+    stream = await ReplicationStream.connect(dsn)
     try:
         try:
-            cur = await conn.execute(
-                f"CREATE_REPLICATION_SLOT {quote_ident(slot)} TEMPORARY LOGICAL pgoutput "
-                "(SNAPSHOT 'export')"
-            )
-            row = await cur.fetchone()
-        except psycopg.Error as exc:
+            exported = await stream.export_snapshot(f"pgcapture_bootstrap_{secrets.token_hex(6)}")
+        except SourceError as exc:
             raise BootstrapError(
-                f"cannot create a temporary slot on the source to export a snapshot: "
-                f"{_first_line(exc)}"
+                f"cannot create a temporary slot on the source to export a snapshot: {exc}"
             ) from exc
-        if row is None:
-            raise BootstrapError("CREATE_REPLICATION_SLOT returned no row")
-        yield LSN.parse(row[1]), str(row[2])
+        yield exported
     finally:
-        await conn.close()
+        await stream.close()
 
 
 async def _pgcapture_event_triggers(dsn: str, snapshot: str) -> set[int]:

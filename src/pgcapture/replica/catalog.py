@@ -116,9 +116,6 @@ class Catalog:
         self._types.clear()
         self._fixers.clear()
 
-    def cached(self, schema: str, name: str) -> Table | None:
-        return self._tables.get((schema, name))
-
     async def table(self, pipe: Pipeline, schema: str, name: str) -> Table | None:
         key = (schema, name)
         if key in self._tables:
