@@ -227,10 +227,15 @@ class Field(_message.Message):
     OID_FIELD_NUMBER: _builtins.int
     BINARY_FIELD_NUMBER: _builtins.int
     TEXT_FIELD_NUMBER: _builtins.int
+    KEY_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     oid: _builtins.int
     binary: _builtins.bytes
     text: _builtins.str
+    key: _builtins.bool
+    """Addition: the column belongs to the row's replica identity (its primary key or
+    REPLICA IDENTITY USING INDEX columns; every column under REPLICA IDENTITY FULL).
+    """
     def __init__(
         self,
         *,
@@ -238,10 +243,11 @@ class Field(_message.Message):
         oid: _builtins.int = ...,
         binary: _builtins.bytes = ...,
         text: _builtins.str = ...,
+        key: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["binary", b"binary", "text", b"text", "value", b"value"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["binary", b"binary", "name", b"name", "oid", b"oid", "text", b"text", "value", b"value"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["binary", b"binary", "key", b"key", "name", b"name", "oid", b"oid", "text", b"text", "value", b"value"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_value: _TypeAlias = _typing.Literal["binary", "text"]  # noqa: Y015
     _WhichOneofArgType_value: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
@@ -355,21 +361,27 @@ class CaptureRequest(_message.Message):
 
     INIT_FIELD_NUMBER: _builtins.int
     ACK_FIELD_NUMBER: _builtins.int
+    ACK_RANGE_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def init(self) -> Global___CaptureInit: ...
     @_builtins.property
     def ack(self) -> Global___CaptureAck: ...
+    @_builtins.property
+    def ack_range(self) -> Global___CaptureAckRange:
+        """addition: CaptureBatched only"""
+
     def __init__(
         self,
         *,
         init: Global___CaptureInit | None = ...,
         ack: Global___CaptureAck | None = ...,
+        ack_range: Global___CaptureAckRange | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "init", b"init", "type", b"type"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "ack_range", b"ack_range", "init", b"init", "type", b"type"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "init", b"init", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "ack_range", b"ack_range", "init", b"init", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_type: _TypeAlias = _typing.Literal["init", "ack"]  # noqa: Y015
+    _WhichOneofReturnType_type: _TypeAlias = _typing.Literal["init", "ack", "ack_range"]  # noqa: Y015
     _WhichOneofArgType_type: _TypeAlias = _typing.Literal["type", b"type"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_type) -> _WhichOneofReturnType_type | None: ...
 
@@ -427,23 +439,85 @@ class CaptureMessage(_message.Message):
 
     CHECKPOINT_FIELD_NUMBER: _builtins.int
     CHANGE_FIELD_NUMBER: _builtins.int
+    TRUNCATE_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def checkpoint(self) -> Global___Checkpoint: ...
     @_builtins.property
     def change(self) -> Global___Change: ...
+    @_builtins.property
+    def truncate(self) -> Global___Truncate:
+        """addition: CaptureBatched only, set instead of change"""
+
     def __init__(
         self,
         *,
         checkpoint: Global___Checkpoint | None = ...,
         change: Global___Change | None = ...,
+        truncate: Global___Truncate | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["change", b"change", "checkpoint", b"checkpoint"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["change", b"change", "checkpoint", b"checkpoint", "truncate", b"truncate"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["change", b"change", "checkpoint", b"checkpoint"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["change", b"change", "checkpoint", b"checkpoint", "truncate", b"truncate"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CaptureMessage: _TypeAlias = CaptureMessage  # noqa: Y015
+
+@_typing.final
+class CaptureBatch(_message.Message):
+    """Addition: CaptureBatched's response. The messages have the delivery ids first_id,
+    first_id + 1, ... in order; ids count up from 1 on each stream and are never reused on it.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FIRST_ID_FIELD_NUMBER: _builtins.int
+    MESSAGES_FIELD_NUMBER: _builtins.int
+    first_id: _builtins.int
+    @_builtins.property
+    def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___CaptureMessage]: ...
+    def __init__(
+        self,
+        *,
+        first_id: _builtins.int = ...,
+        messages: _abc.Iterable[Global___CaptureMessage] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["first_id", b"first_id", "messages", b"messages"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CaptureBatch: _TypeAlias = CaptureBatch  # noqa: Y015
+
+@_typing.final
+class CaptureAckRange(_message.Message):
+    """Addition: acknowledges every message of this stream whose delivery id is in
+    first_id..last_id (inclusive); a non-empty requeue_reason requeues them instead.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FIRST_ID_FIELD_NUMBER: _builtins.int
+    LAST_ID_FIELD_NUMBER: _builtins.int
+    REQUEUE_REASON_FIELD_NUMBER: _builtins.int
+    first_id: _builtins.int
+    last_id: _builtins.int
+    requeue_reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        first_id: _builtins.int = ...,
+        last_id: _builtins.int = ...,
+        requeue_reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["first_id", b"first_id", "last_id", b"last_id", "requeue_reason", b"requeue_reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CaptureAckRange: _TypeAlias = CaptureAckRange  # noqa: Y015
 
 @_typing.final
 class DumpInfoRequest(_message.Message):

@@ -40,6 +40,11 @@ class DBLogGatewayStub:
                 request_serializer=pgcapture__pb2.CaptureRequest.SerializeToString,
                 response_deserializer=pgcapture__pb2.CaptureMessage.FromString,
                 _registered_method=True)
+        self.CaptureBatched = channel.stream_stream(
+                '/pgcapture.DBLogGateway/CaptureBatched',
+                request_serializer=pgcapture__pb2.CaptureRequest.SerializeToString,
+                response_deserializer=pgcapture__pb2.CaptureBatch.FromString,
+                _registered_method=True)
 
 
 class DBLogGatewayServicer:
@@ -51,6 +56,14 @@ class DBLogGatewayServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CaptureBatched(self, request_iterator, context):
+        """Addition: the same stream with many changes per response message, acknowledged by ranges
+        of delivery ids (docs/protocol.md, "Batched capture").
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DBLogGatewayServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -58,6 +71,11 @@ def add_DBLogGatewayServicer_to_server(servicer, server):
                     servicer.Capture,
                     request_deserializer=pgcapture__pb2.CaptureRequest.FromString,
                     response_serializer=pgcapture__pb2.CaptureMessage.SerializeToString,
+            ),
+            'CaptureBatched': grpc.stream_stream_rpc_method_handler(
+                    servicer.CaptureBatched,
+                    request_deserializer=pgcapture__pb2.CaptureRequest.FromString,
+                    response_serializer=pgcapture__pb2.CaptureBatch.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -87,6 +105,33 @@ class DBLogGateway:
             '/pgcapture.DBLogGateway/Capture',
             pgcapture__pb2.CaptureRequest.SerializeToString,
             pgcapture__pb2.CaptureMessage.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CaptureBatched(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/pgcapture.DBLogGateway/CaptureBatched',
+            pgcapture__pb2.CaptureRequest.SerializeToString,
+            pgcapture__pb2.CaptureBatch.FromString,
             options,
             channel_credentials,
             insecure,

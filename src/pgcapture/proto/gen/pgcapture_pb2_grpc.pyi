@@ -39,11 +39,19 @@ class DBLogGatewayStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> DBLogGatewayAsyncStub: ...
     Capture: _grpc.StreamStreamMultiCallable[_pgcapture_pb2.CaptureRequest, _pgcapture_pb2.CaptureMessage]
+    CaptureBatched: _grpc.StreamStreamMultiCallable[_pgcapture_pb2.CaptureRequest, _pgcapture_pb2.CaptureBatch]
+    """Addition: the same stream with many changes per response message, acknowledged by ranges
+    of delivery ids (docs/protocol.md, "Batched capture").
+    """
 
 @_typing.type_check_only
 class DBLogGatewayAsyncStub(DBLogGatewayStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Capture: _aio.StreamStreamMultiCallable[_pgcapture_pb2.CaptureRequest, _pgcapture_pb2.CaptureMessage]  # type: ignore[assignment]
+    CaptureBatched: _aio.StreamStreamMultiCallable[_pgcapture_pb2.CaptureRequest, _pgcapture_pb2.CaptureBatch]  # type: ignore[assignment]
+    """Addition: the same stream with many changes per response message, acknowledged by ranges
+    of delivery ids (docs/protocol.md, "Batched capture").
+    """
 
 class DBLogGatewayServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -52,6 +60,16 @@ class DBLogGatewayServicer(metaclass=_abc_1.ABCMeta):
         request_iterator: _MaybeAsyncIterator[_pgcapture_pb2.CaptureRequest],
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_pgcapture_pb2.CaptureMessage], _abc.AsyncIterator[_pgcapture_pb2.CaptureMessage]]: ...
+
+    @_abc_1.abstractmethod
+    def CaptureBatched(
+        self,
+        request_iterator: _MaybeAsyncIterator[_pgcapture_pb2.CaptureRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_pgcapture_pb2.CaptureBatch], _abc.AsyncIterator[_pgcapture_pb2.CaptureBatch]]:
+        """Addition: the same stream with many changes per response message, acknowledged by ranges
+        of delivery ids (docs/protocol.md, "Batched capture").
+        """
 
 def add_DBLogGatewayServicer_to_server(servicer: DBLogGatewayServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 
