@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import re
 import tomllib
+import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Final, Literal
@@ -167,6 +168,78 @@ class SourceConfig(_Section):
         return self.stream.subject or "pgcapture." + self.name
 
 
+URI_RE: Final = re.compile(r"^[A-Za-z0-9_.-]+$")
+_START_RE: Final = re.compile(r"^(beginning|new|lsn:[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}|time:.+)$")
+
+
+class UriConfig(_Section):
+    """``[gateway.uris.URI]``: what consumers of one URI read and how it is delivered."""
+
+    name: str = ""
+    source: str
+    consumer: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_-]+$")
+    start: str = Field(default="new", pattern=_START_RE.pattern)
+    ordered: bool = False
+    requeue_delay: Duration = 5.0
+    requeue_max_delay: Duration = 300.0
+    max_deliveries: int = Field(default=10, ge=1)
+    dead_letter_stream: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_-]+$")
+    max_unacked: int = Field(default=2000, ge=1)
+    ack_wait: PositiveDuration = 60.0
+    max_ack_pending: int = Field(default=1000, ge=1)
+    dump_replica: str = ""
+
+    @property
+    def consumer_name(self) -> str:
+        return self.consumer or "pgcapture_" + re.sub(r"[^A-Za-z0-9_-]", "_", self.name)
+
+    @property
+    def dead_letter_name(self) -> str:
+        return self.dead_letter_stream or "PGCAPTURE_DLQ_" + re.sub(
+            r"[^A-Za-z0-9_-]", "_", self.name.upper()
+        )
+
+    @property
+    def dead_letter_subject(self) -> str:
+        return "pgcapture.dlq." + re.sub(r"[^A-Za-z0-9_-]", "_", self.name)
+
+
+class TlsConfig(_Section):
+    """``[gateway.tls]``: server certificate, optional client certificates."""
+
+    cert: Path | None = None
+    key: Path | None = None
+    client_ca: Path | None = None
+    disabled: bool = False
+
+
+class TokenConfig(_Section):
+    """``[gateway.auth.tokens.NAME]``: one bearer token and the URIs it may read."""
+
+    token: str | None = None
+    token_file: Path | None = None
+    uris: list[str] = ["*"]
+
+
+class AuthConfig(_Section):
+    """``[gateway.auth]``: bearer tokens with per-URI authorization."""
+
+    disabled: bool = False
+    tokens: dict[str, TokenConfig] = {}
+
+
+class GatewayConfig(_Section):
+    """``[gateway]``: the consumer-facing gRPC service."""
+
+    listen: str = "127.0.0.1:10001"
+    max_batch_records: int = Field(default=500, ge=1)
+    max_batch_bytes: Size = Field(default=1 << 20, ge=1024)
+    max_message_bytes: Size = Field(default=64 << 20, ge=1 << 20)
+    tls: TlsConfig = TlsConfig()
+    auth: AuthConfig = AuthConfig()
+    uris: dict[str, UriConfig] = {}
+
+
 class MetricsConfig(_Section):
     """``[metrics]``: the HTTP endpoint and the slot lag check."""
 
@@ -189,6 +262,7 @@ class Config(_Section):
     metrics: MetricsConfig = MetricsConfig()
     log: LogConfig = LogConfig()
     sources: dict[str, SourceConfig] = {}
+    gateway: GatewayConfig = GatewayConfig()
 
     def source(self, name: str, need_dsn: bool = True) -> SourceConfig:
         """Source ``name``; ``need_dsn``: its database is connected to, so its dsn is needed."""
@@ -303,11 +377,17 @@ def validate_config(
     for name, section in (data.get("sources") or {}).items():
         if isinstance(section, dict):
             section["name"] = name
+    gateway = data.get("gateway")
+    uris = gateway.get("uris") if isinstance(gateway, dict) else None
+    for name, section in (uris if isinstance(uris, dict) else {}).items():
+        if isinstance(section, dict):
+            section["name"] = name
     try:
         config = Config.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_explain(exc, origins or {}, where)) from None
     _check_sources(config)
+    _check_gateway(config)
     return config
 
 
@@ -334,6 +414,49 @@ def _check_sources(config: Config) -> None:
                     else f"sources.{name}: uses the same slot {value!r} as source {other!r}; "
                     "set a distinct slot"
                 )
+    if problems:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
+
+
+def _check_gateway(config: Config) -> None:
+    problems = []
+    seen: dict[str, str] = {}
+    for name, uri in config.gateway.uris.items():
+        if not URI_RE.match(name):
+            problems.append(
+                f"gateway.uris.{name}: a URI may hold only letters, digits, '_', '.' and '-'; "
+                "rename the section"
+            )
+        if uri.source not in config.sources:
+            known = ", ".join(sorted(config.sources)) or "none"
+            problems.append(
+                f"gateway.uris.{name}.source: {uri.source!r} is not a configured source "
+                f"(configured: {known}); add a [sources.{uri.source}] section"
+            )
+        if uri.requeue_max_delay < uri.requeue_delay:
+            problems.append(
+                f"gateway.uris.{name}.requeue_max_delay: {uri.requeue_max_delay}s is below "
+                f"requeue_delay ({uri.requeue_delay}s); raise it"
+            )
+        for what, value in (
+            ("consumer", uri.consumer_name),
+            ("dead letter stream", uri.dead_letter_name),
+        ):
+            other = seen.setdefault(f"{what}:{uri.source}:{value}", name)
+            if other != name:
+                problems.append(
+                    f"gateway.uris.{name}: uses the same {what} {value!r} as URI {other!r}; "
+                    f"set a distinct one in [gateway.uris.{name}]"
+                )
+    for name, token in config.gateway.auth.tokens.items():
+        if (token.token is None) == (token.token_file is None):
+            problems.append(f"gateway.auth.tokens.{name}: set exactly one of token and token_file")
+        problems.extend(
+            f"gateway.auth.tokens.{name}.uris: {uri!r} is not a configured URI; "
+            'list URIs of [gateway.uris] or "*"'
+            for uri in token.uris
+            if uri != "*" and uri not in config.gateway.uris
+        )
     if problems:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
 
@@ -377,17 +500,21 @@ def _missing_hint(loc: tuple[str, ...]) -> str:
 
 def _valid_keys(loc: tuple[str, ...]) -> list[str]:
     model: Any = Config
+    named = False  # inside a table of named sections ([sources.NAME], [gateway.uris.NAME])
     for part in loc:
-        if model is Config and part == "sources":
-            model = {"*": SourceConfig}
-            continue
         if isinstance(model, dict):
-            model = model["*"]
+            model, named = model["*"], True
             continue
         field = model.model_fields.get(part)
-        if field is None or not isinstance(field.annotation, type):
+        if field is None:
             return []
-        model = field.annotation
+        annotation = field.annotation
+        if typing.get_origin(annotation) is dict:
+            model = {"*": typing.get_args(annotation)[1]}
+            continue
+        if not isinstance(annotation, type):
+            return []
+        model, named = annotation, False
     if isinstance(model, dict) or not (isinstance(model, type) and issubclass(model, BaseModel)):
         return []
-    return sorted(k for k in model.model_fields if k != "name" or model is not SourceConfig)
+    return sorted(k for k in model.model_fields if k != "name" or not named)

@@ -1,0 +1,692 @@
+"""Delivering one URI's changes to the client streams attached to it (docs/gateway.md).
+
+A ``Hub`` exists per URI in each gateway process while clients are attached. It reads the URI's
+durable JetStream consumer (pull, explicit acknowledgement), so the URI's position lives on the
+server and survives gateway restarts, and several gateways share a URI's work the way JetStream
+shares a consumer's messages. A stream message holds a batch of records; the hub turns its
+changes into ``Item``s, hands each to a client stream (``Session``) that wants its table and
+has room, and acknowledges the message to JetStream once every item of it is settled:
+acknowledged by a client, skipped (Begin/Commit, a table no client asked for), or moved to the
+URI's dead-letter stream. So after a crash, JetStream redelivers exactly the messages whose
+acknowledgement had not reached it.
+
+Requeue (a client's non-empty ``requeue_reason``):
+
+* unordered URIs: once the other items of the message are settled, the message is ``nak``ed
+  with the URI's delay (doubling with each delivery up to ``requeue_max_delay``); JetStream
+  redelivers it (to any gateway), and this hub skips the items already acknowledged;
+* ordered URIs: the hub holds the item and sends it again after the delay, and no later change
+  of the same row key is sent before it is acknowledged. One gateway at a time reads an
+  ordered URI (a lease; the others stand by), it acknowledges messages in stream order only,
+  and on taking the URI over it restarts the consumer right after the acknowledged floor, so
+  after a crash the changes are replayed in commit order.
+
+An item delivered ``max_deliveries`` times and requeued again goes to the dead-letter stream
+(with the reason and the count in its headers), is logged and counted, and is settled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import logging
+import re
+import time
+from collections import deque
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Final
+
+import grpc
+import nats.errors
+import nats.js.errors
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext, api
+
+from pgcapture.checkpoint import Checkpoint
+from pgcapture.errors import ConfigError, PgCaptureError, SourceError
+from pgcapture.gateway.errors import GatewayError
+from pgcapture.gateway.metrics import GatewayMetrics
+from pgcapture.gateway.records import (
+    BEGIN,
+    CHANGE,
+    COMMIT,
+    Key,
+    capture_message,
+    change_keys,
+    commit_time,
+    read_head,
+)
+from pgcapture.gateway.resolver import Route
+from pgcapture.log.batch import decode_batch, encode_record
+from pgcapture.log.follow import locate
+from pgcapture.log.lease import Lease, new_owner_id
+from pgcapture.lsn import LSN
+
+log = logging.getLogger("pgcapture.gateway")
+
+START_LSN: Final = "pgcapture_start_lsn"  # consumer metadata: records below it are skipped
+_PG_EPOCH: Final = 946_684_800  # 2000-01-01 in Unix seconds
+_FETCH: Final = 16  # stream messages per fetch
+_LINGER: Final = 5.0  # seconds a hub stays after its last client left
+
+
+class Batch:
+    """One stream message and the settlement of its items."""
+
+    __slots__ = ("acked", "delivered", "msg", "pending", "requeued", "seq", "settled")
+
+    def __init__(self, msg: Msg, seq: int, delivered: int) -> None:
+        self.msg = msg
+        self.seq = seq
+        self.delivered = delivered  # JetStream's delivery count of this message
+        self.pending = 0
+        self.requeued: list[Item] = []
+        self.acked: set[int] = set()  # record seqs settled (for a redelivery of this message)
+        self.settled = False
+
+
+@dataclass(eq=False, slots=True)
+class Item:
+    """One change or truncate record on its way to a client."""
+
+    lsn: int
+    seq: int
+    kind: int
+    payload: bytes  # the serialized CaptureMessage
+    tables: tuple[tuple[str, str], ...]
+    batch: Batch
+    message: bytes  # the stored Message, for the dead-letter stream
+    commit_time: int = 0
+    keys: tuple[Key, ...] = ()
+    attempts: int = 0  # deliveries by this hub
+    due: float = 0.0
+    reason: str = ""
+
+    @property
+    def checkpoint(self) -> Checkpoint:
+        return Checkpoint(self.lsn, self.seq)
+
+    def __lt__(self, other: Item) -> bool:
+        return (self.due, self.lsn, self.seq) < (other.due, other.lsn, other.seq)
+
+
+class Session:
+    """One client stream of a URI: what it wants, and what it holds."""
+
+    def __init__(
+        self, hub: Hub, name: str, regex: re.Pattern[str] | None, batched: bool, window: int
+    ) -> None:
+        self.hub = hub
+        self.name = name
+        self.regex = regex
+        self.batched = batched
+        self.window = window
+        self.outbox: deque[Item] = deque()
+        self.unacked: dict[Any, Item] = {}  # by delivery id (batched) or (lsn, seq)
+        self.wake = asyncio.Event()
+        self.error: PgCaptureError | None = None
+        self.closed = False  # the client closed its side: no more acknowledgements
+        self.next_id = 1
+
+    def wants(self, item: Item) -> bool:
+        if item.kind != CHANGE and not self.batched:
+            return False  # the compatible Capture method carries changes only
+        regex = self.regex
+        return regex is None or any(regex.search(table) for _, table in item.tables)
+
+    def room(self) -> int:
+        return self.window - len(self.unacked) - len(self.outbox)
+
+    def fail(self, error: PgCaptureError) -> None:
+        self.error = error
+        self.wake.set()
+
+    def close(self) -> None:
+        self.closed = True
+        self.wake.set()
+
+    def take(self, max_items: int, max_bytes: int) -> list[Item]:
+        """Items to send next (marked unacknowledged), at most ``max_items`` / ``max_bytes``."""
+        out: list[Item] = []
+        size = 0
+        while self.outbox and len(out) < max_items and (not out or size < max_bytes):
+            item = self.outbox.popleft()
+            size += len(item.payload)
+            out.append(item)
+        if not self.outbox:
+            self.wake.clear()
+        return out
+
+
+class Hub:
+    """Delivery of one URI's stream in this process (see the module docstring)."""
+
+    def __init__(
+        self,
+        js: JetStreamContext,
+        route: Route,
+        metrics: GatewayMetrics,
+        lock_bucket: str,
+        on_idle: Callable[[Hub], None],
+    ) -> None:
+        self.js = js
+        self.route = route
+        self.settings = s = route.settings
+        self.ordered = s.ordered
+        self.metrics = metrics
+        self._lock_bucket = lock_bucket
+        self._on_idle = on_idle
+        self.sessions: list[Session] = []
+        self.backlog: deque[Item] = deque()
+        self.retry: list[Item] = []  # ordered: requeued items by due time
+        self.held: dict[int, Batch] = {}  # stream seq -> message not yet acknowledged
+        self.done: dict[int, set[int]] = {}  # stream seq -> record seqs settled before a nak
+        self.owners: dict[Key, Item] = {}  # ordered: row key -> the item it waits for
+        self.start_lsn = 0
+        self.state = "starting"
+        self.last_acked_commit = 0
+        self._times: dict[int, int] = {}  # commit LSN -> commit time, recent transactions
+        self._more = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []  # the hub's loops
+        self._pending: set[asyncio.Task[None]] = set()  # acks, naks, dead letters
+        self._closing = False
+        self._linger: asyncio.TimerHandle | None = None
+        self._labels = metrics_labels = {"uri": route.uri}
+        self._delivered = metrics.delivered.labels(**metrics_labels)
+        self._acked = metrics.acked.labels(**metrics_labels)
+        self._requeued = metrics.requeued.labels(**metrics_labels)
+        self._dead = metrics.dead_lettered.labels(**metrics_labels)
+        self._skipped = metrics.skipped.labels(**metrics_labels)
+        self._in_flight = metrics.in_flight.labels(**metrics_labels)
+        self._clients = metrics.clients.labels(**metrics_labels)
+        self._lease: Lease | None = None
+
+    # -- life cycle ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._tasks = [
+            asyncio.create_task(self._run(), name=f"hub {self.route.uri}"),
+            asyncio.create_task(self._keep_alive(), name=f"hub {self.route.uri} progress"),
+        ]
+
+    async def close(self) -> None:
+        """Stop reading; every unsettled message goes back to JetStream at once."""
+        self._closing = True
+        for session in self.sessions:
+            session.fail(_unavailable("the gateway is shutting down; reconnect"))
+        for task in self._tasks:
+            while not task.done():
+                task.cancel()
+                await asyncio.wait({task}, timeout=0.5)
+        if self._pending:  # acknowledgements on their way, dead letters being written
+            await asyncio.wait(set(self._pending), timeout=5.0)
+        for batch in list(self.held.values()):
+            if not batch.settled:
+                with contextlib.suppress(Exception):
+                    await batch.msg.nak()
+        self.held.clear()
+        if self._lease is not None:
+            await self._lease.release()
+        self._in_flight.set(0)
+
+    def attach(
+        self, name: str, regex: re.Pattern[str] | None, batched: bool, window: int
+    ) -> Session:
+        if self._linger is not None:
+            self._linger.cancel()
+            self._linger = None
+        session = Session(self, name, regex, batched, min(window, self.settings.max_unacked))
+        self.sessions.append(session)
+        self._clients.set(len(self.sessions))
+        self._more.set()
+        return session
+
+    def detach(self, session: Session) -> None:
+        """The client stream ended: whatever it was given and did not acknowledge goes back
+        to the backlog, in stream order, for the other clients."""
+        if session not in self.sessions:
+            return
+        self.sessions.remove(session)
+        self._clients.set(len(self.sessions))
+        returned = list(session.unacked.values()) + list(session.outbox)
+        session.unacked.clear()
+        session.outbox.clear()
+        for item in returned:
+            self._unlock(item)
+        if returned:
+            merged = sorted([*returned, *self.backlog], key=lambda i: (i.lsn, i.seq))
+            self.backlog = deque(merged)
+        self._count_in_flight()
+        self._dispatch()
+        if not self.sessions and not self._closing:
+            loop = asyncio.get_running_loop()
+            self._linger = loop.call_later(_LINGER, self._on_idle, self)
+
+    # -- reading the stream -------------------------------------------------------------
+
+    async def _run(self) -> None:
+        try:
+            if self.ordered:
+                await self._take_over()
+            await self._ensure_consumer(recreate=self.ordered)
+            sub = await self.js.pull_subscribe_bind(
+                self.settings.consumer_name, stream=self.route.stream
+            )
+            self.state = "running"
+            try:
+                await self._fetch_loop(sub)
+            finally:
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            error = exc if isinstance(exc, PgCaptureError) else _unavailable(f"{exc!r}")
+            log.error("uri %s: %s", self.route.uri, error)
+            self.state = "failed"
+            for session in list(self.sessions):
+                session.fail(error)
+            self._on_idle(self)
+
+    async def _take_over(self) -> None:
+        """Ordered URIs: one reader at a time. Wait for the lease, keep it."""
+        self.state = "standby"
+        lease = Lease(self.js, self._lock_bucket, f"gateway.{self.route.uri}", new_owner_id())
+        while True:
+            try:
+                await lease.acquire(wait=0.0)
+                break
+            except SourceError:
+                await asyncio.sleep(1.0)
+        self._lease = lease
+        self._tasks.append(asyncio.create_task(self._keep_lease(lease), name="hub lease"))
+
+    async def _keep_lease(self, lease: Lease) -> None:
+        try:
+            await lease.keep()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            for session in list(self.sessions):
+                session.fail(_unavailable(f"lost the ordered-delivery lease of this URI: {exc}"))
+
+    async def _ensure_consumer(self, recreate: bool) -> None:
+        stream, name = self.route.stream, self.settings.consumer_name
+        try:
+            info = await self.js.consumer_info(stream, name)
+        except nats.js.errors.NotFoundError:
+            config = await self._new_consumer_config()
+            await self.js.add_consumer(stream, config)
+            log.info("uri %s: created consumer %s on %s", self.route.uri, name, stream)
+            self.start_lsn = int((config.metadata or {}).get(START_LSN, "0"))
+            return
+        config = info.config
+        self.start_lsn = int((config.metadata or {}).get(START_LSN, "0"))
+        if recreate:
+            # Restart delivery right after the acknowledged floor, in stream order: the
+            # previous reader acknowledged in order, so everything after it is unsettled.
+            floor = info.ack_floor.stream_seq if info.ack_floor else 0
+            if floor:
+                config.deliver_policy = api.DeliverPolicy.BY_START_SEQUENCE
+                config.opt_start_seq = floor + 1
+                config.opt_start_time = None
+            await self.js.delete_consumer(stream, name)
+            await self.js.add_consumer(stream, config)
+
+    async def _new_consumer_config(self) -> api.ConsumerConfig:
+        s, stream = self.settings, self.route.stream
+        config = api.ConsumerConfig(
+            durable_name=s.consumer_name,
+            ack_policy=api.AckPolicy.EXPLICIT,
+            ack_wait=s.ack_wait,
+            max_ack_pending=s.max_ack_pending,
+            max_deliver=-1,
+            filter_subject=self.route.subject,
+            description=f"pgcapture gateway URI {self.route.uri}",
+        )
+        start = s.start
+        if start == "beginning":
+            config.deliver_policy = api.DeliverPolicy.ALL
+        elif start == "new":
+            info = await self.js.stream_info(stream)
+            config.deliver_policy = api.DeliverPolicy.BY_START_SEQUENCE
+            config.opt_start_seq = info.state.last_seq + 1
+        elif start.startswith("lsn:"):
+            lsn = LSN.parse(start[4:])
+            config.deliver_policy = api.DeliverPolicy.BY_START_SEQUENCE
+            config.opt_start_seq = await locate(self.js, stream, max(lsn - 1, 0))
+            config.metadata = {START_LSN: str(lsn)}
+        else:
+            config.deliver_policy = api.DeliverPolicy.BY_START_TIME
+            config.opt_start_time = _parse_time(start[5:], self.route.uri)
+        return config
+
+    async def _fetch_loop(self, sub: Any) -> None:
+        while True:
+            await self._more.wait()
+            if not self._wants_more():
+                self._more.clear()
+                continue
+            try:
+                msgs = await sub.fetch(_FETCH, timeout=1.0)
+            except (TimeoutError, nats.errors.TimeoutError):
+                continue
+            for msg in msgs:
+                self._take(msg)
+            self._dispatch()
+
+    def _wants_more(self) -> bool:
+        """Fetch while the backlog is smaller than the room the clients have."""
+        room = sum(max(s.room(), 0) for s in self.sessions)
+        return room > len(self.backlog)
+
+    def _take(self, msg: Msg) -> None:
+        meta = msg.metadata
+        seq, delivered = meta.sequence.stream, meta.num_delivered
+        if seq in self.held:
+            return  # a redelivery of a message this hub still holds (ack_wait ran out)
+        batch = Batch(msg, seq, delivered)
+        skip = self.done.pop(seq, set())
+        items: list[Item] = []
+        times = self._times
+        decoded = decode_batch(msg.data)
+        for record in decoded:
+            lsn, rseq, message = record.lsn, record.seq, record.message
+            kind = message[0] if message else 0
+            if kind in (BEGIN, COMMIT):
+                if lsn not in times:
+                    times[lsn] = commit_time(message)
+                continue
+            if rseq in skip or lsn < self.start_lsn:
+                continue
+            head = read_head(message)
+            item = Item(
+                lsn,
+                rseq,
+                head.kind,
+                capture_message(lsn, rseq, message, head),
+                head.tables,
+                batch,
+                message,
+                commit_time=times.get(lsn, 0),
+            )
+            if not any(s.wants(item) for s in self.sessions):
+                continue
+            if self.ordered and head.kind == CHANGE:
+                item.keys = change_keys(message, head.body)
+            items.append(item)
+        if len(times) > 4096:
+            for lsn in sorted(times)[:2048]:
+                del times[lsn]
+        self._skipped.inc(len(decoded) - len(items))
+        batch.pending = len(items)
+        self.held[seq] = batch
+        if not items:
+            self._settle_batch(batch)
+            return
+        self.backlog.extend(items)
+
+    # -- handing items to clients -------------------------------------------------------
+
+    def _dispatch(self) -> None:
+        """Give waiting items to clients with room, in order; an ordered URI never sends a
+        change while an earlier change of one of its row keys is unsettled."""
+        now = time.monotonic()
+        retry = self.retry
+        while retry and retry[0].due <= now and self._send(retry[0]):
+            heapq.heappop(retry)
+        if not self.backlog or not self.sessions:
+            return
+        blocked: set[Key] = set()
+        kept: deque[Item] = deque()
+        backlog = self.backlog
+        while backlog:
+            item = backlog.popleft()
+            if self.ordered and (
+                any(k in blocked or self.owners.get(k, item) is not item for k in item.keys)
+            ):
+                blocked.update(item.keys)
+                kept.append(item)
+                continue
+            if not self._send(item):
+                if not any(s.wants(item) for s in self.sessions):
+                    self._settle(item)  # nobody attached wants it any more
+                    continue
+                kept.append(item)
+                blocked.update(item.keys)
+                if not any(s.room() > 0 for s in self.sessions):
+                    break
+        kept.extend(backlog)
+        self.backlog = kept
+        self._count_in_flight()
+        if self._wants_more():
+            self._more.set()
+
+    def _send(self, item: Item) -> bool:
+        best: Session | None = None
+        best_room = 0
+        for session in self.sessions:
+            room = session.room()
+            if room > best_room and session.error is None and session.wants(item):
+                best, best_room = session, room
+        if best is None:
+            return False
+        for key in item.keys:
+            self.owners[key] = item
+        item.attempts += 1
+        best.outbox.append(item)
+        best.wake.set()
+        self._delivered.inc()
+        return True
+
+    def register(self, session: Session, items: list[Item]) -> int:
+        """The delivery ids of ``items`` sent on ``session`` (the first one is returned)."""
+        first = session.next_id
+        if session.batched:
+            for i, item in enumerate(items):
+                session.unacked[first + i] = item
+            session.next_id += len(items)
+        else:
+            for item in items:
+                session.unacked[(item.lsn, item.seq)] = item
+        return first
+
+    # -- acknowledgements ---------------------------------------------------------------
+
+    def settle(self, items: list[Item], reason: str) -> None:
+        """A client acknowledged ``items`` (``reason`` empty) or requeued them."""
+        if reason:
+            self._requeued.inc(len(items))
+            for item in items:
+                self._requeue(item, reason)
+        else:
+            self._acked.inc(len(items))
+            for item in items:
+                self._settle(item)
+            newest = max(item.commit_time for item in items)
+            if newest > self.last_acked_commit:
+                self.last_acked_commit = newest
+                self.metrics.lag_seconds.labels(**self._labels).set(
+                    max(0.0, time.time() - _PG_EPOCH - newest / 1e6)
+                )
+        self._dispatch()
+
+    def _requeue(self, item: Item, reason: str) -> None:
+        s = self.settings
+        item.reason = reason
+        attempts = (
+            item.attempts + item.batch.delivered - 1 if self.ordered else item.batch.delivered
+        )
+        if attempts >= s.max_deliveries:
+            self._later(self._dead_letter(item, attempts))
+            return
+        delay = min(s.requeue_delay * 2 ** max(attempts - 1, 0), s.requeue_max_delay)
+        if self.ordered:
+            item.due = time.monotonic() + delay
+            heapq.heappush(self.retry, item)
+            asyncio.get_running_loop().call_later(delay, self._dispatch)
+            return
+        self._unlock(item)
+        batch = item.batch
+        batch.requeued.append(item)
+        batch.pending -= 1
+        if batch.pending == 0:
+            self._nak(batch, delay)
+
+    def _nak(self, batch: Batch, delay: float) -> None:
+        requeued = {i.seq for i in batch.requeued}
+        self.done[batch.seq] = batch.acked - requeued
+        batch.settled = True
+        self.held.pop(batch.seq, None)
+        self._later(_quietly(batch.msg.nak(delay=delay)))
+        while len(self.done) > 10_000:  # redelivered to another gateway: never seen again
+            del self.done[next(iter(self.done))]
+
+    def _settle(self, item: Item) -> None:
+        self._unlock(item)
+        batch = item.batch
+        batch.acked.add(item.seq)
+        batch.pending -= 1
+        if batch.pending == 0:
+            if batch.requeued:
+                attempts = batch.delivered
+                s = self.settings
+                self._nak(
+                    batch, min(s.requeue_delay * 2 ** max(attempts - 1, 0), s.requeue_max_delay)
+                )
+            else:
+                self._settle_batch(batch)
+
+    def _unlock(self, item: Item) -> None:
+        for key in item.keys:
+            if self.owners.get(key) is item:
+                del self.owners[key]
+
+    def _settle_batch(self, batch: Batch) -> None:
+        """Acknowledge a settled message; an ordered URI only in stream order."""
+        batch.settled = True
+        if not self.ordered:
+            self.held.pop(batch.seq, None)
+            self._later(_quietly(batch.msg.ack()))
+            return
+        for seq in list(self.held):
+            first = self.held[seq]
+            if not first.settled:
+                break
+            del self.held[seq]
+            self._later(_quietly(first.msg.ack()))
+
+    async def _dead_letter(self, item: Item, attempts: int) -> None:
+        s = self.settings
+        try:
+            await self._ensure_dead_letter_stream()
+            headers = {
+                "Nats-Msg-Id": f"{self.route.uri}:{item.checkpoint.key()}",
+                "Pgcapture-Uri": self.route.uri,
+                "Pgcapture-Checkpoint": item.checkpoint.key(),
+                "Pgcapture-Stream": self.route.stream,
+                "Pgcapture-Stream-Seq": str(item.batch.seq),
+                "Pgcapture-Deliveries": str(attempts),
+                "Pgcapture-Reason": " ".join(item.reason.split())[:1024],
+            }
+            payload = encode_record(item.lsn, item.seq, item.message)
+            await self.js.publish(s.dead_letter_subject, payload, headers=headers)
+        except Exception as exc:
+            # Not settled: the item goes back to the backlog and is tried again later.
+            log.error(
+                "uri %s: cannot move %s to dead-letter stream %s: %r; it stays pending",
+                self.route.uri,
+                item.checkpoint,
+                s.dead_letter_name,
+                exc,
+            )
+            await asyncio.sleep(s.requeue_delay)
+            self._unlock(item)
+            self.backlog.appendleft(item)
+            self._dispatch()
+            return
+        self._dead.inc()
+        log.warning(
+            "uri %s: change %s of %s delivered %d times, last requeued with %r; moved to "
+            "dead-letter stream %s",
+            self.route.uri,
+            item.checkpoint,
+            ".".join(item.tables[0]) if item.tables else "?",
+            attempts,
+            item.reason,
+            s.dead_letter_name,
+        )
+        self._settle(item)
+        self._dispatch()
+
+    async def _ensure_dead_letter_stream(self) -> None:
+        s = self.settings
+        try:
+            await self.js.stream_info(s.dead_letter_name)
+        except nats.js.errors.NotFoundError:
+            await self.js.add_stream(
+                api.StreamConfig(
+                    name=s.dead_letter_name,
+                    subjects=[s.dead_letter_subject],
+                    description=f"pgcapture: changes URI {self.route.uri} gave up on",
+                    storage=api.StorageType.FILE,
+                )
+            )
+
+    def _later(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    # -- upkeep -------------------------------------------------------------------------
+
+    async def _keep_alive(self) -> None:
+        """Tell JetStream that held messages are still being worked on, and measure the lag."""
+        period = max(self.settings.ack_wait / 3, 0.2)
+        while True:
+            await asyncio.sleep(min(period, 5.0))
+            for batch in list(self.held.values()):
+                if not batch.settled:
+                    await _quietly(batch.msg.in_progress())
+            with contextlib.suppress(Exception):
+                info = await self.js.consumer_info(self.route.stream, self.settings.consumer_name)
+                self.metrics.lag_messages.labels(**self._labels).set(info.num_pending or 0)
+            self._dispatch()
+
+    def _count_in_flight(self) -> None:
+        self._in_flight.set(sum(len(s.unacked) + len(s.outbox) for s in self.sessions))
+
+    def health(self) -> dict[str, Any]:
+        return {
+            "state": self.state,
+            "ordered": self.ordered,
+            "clients": len(self.sessions),
+            "in_flight": sum(len(s.unacked) + len(s.outbox) for s in self.sessions),
+            "backlog": len(self.backlog),
+            "requeued": len(self.retry),
+            "held_messages": len(self.held),
+        }
+
+
+def _unavailable(message: str) -> GatewayError:
+    return GatewayError(grpc.StatusCode.UNAVAILABLE, message)
+
+
+async def _quietly(awaitable: Any) -> None:
+    """Acknowledgements are best effort: a lost one means a redelivery, never a loss."""
+    with contextlib.suppress(Exception):
+        await awaitable
+
+
+def _parse_time(text: str, uri: str) -> datetime:
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise ConfigError(
+            f"gateway.uris.{uri}.start: {text!r} is not an ISO 8601 time; write e.g. "
+            '"time:2026-11-21T09:30:00Z"'
+        ) from None
+    return value if value.tzinfo else value.replace(tzinfo=UTC)

@@ -1,0 +1,114 @@
+"""Helpers for the gateway tests (imported by plain name, as pytest puts this folder on
+``sys.path``): a gateway running in-process, and a client written from the .proto alone that
+sends exactly what the Go project's Python client (``PGCaptureClient``) sends."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+from google.protobuf.struct_pb2 import Struct
+
+import psycopg
+from log_helpers import capturing
+
+from pgcapture.config import Config, validate_config
+from pgcapture.gateway.server import serve_gateway
+from pgcapture.proto import pb, pb_grpc
+
+
+def gateway_config(dsn: str, nats_url: str, source: str, **uris: dict[str, Any]) -> Config:
+    """One source, URIs over it, a gateway on a free port without TLS or tokens."""
+    data = {
+        "nats": {"url": nats_url},
+        "sources": {
+            source: {
+                "dsn": dsn, "status_interval": 0.2, "lock": {"ttl": 1, "wait": 10},
+                "batch": {"max_records": 50, "max_bytes": 16384, "linger": 0.002},
+            }
+        },
+        "gateway": {
+            "listen": "127.0.0.1:0",
+            "tls": {"disabled": True},
+            "auth": {"disabled": True},
+            "uris": {name: {"source": source, **settings} for name, settings in uris.items()},
+        },
+    }  # fmt: skip
+    return validate_config(data)
+
+
+@contextlib.asynccontextmanager
+async def running_gateway(config: Config, **kwargs: Any) -> AsyncIterator[str]:
+    """A gateway serving ``config`` in this process; yields its address."""
+    stop = asyncio.Event()
+    bound: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+    task = asyncio.create_task(
+        serve_gateway(config, stop, ready=lambda a: bound.set_result(a), **kwargs)
+    )
+    try:
+        done, _ = await asyncio.wait({task, bound}, timeout=30, return_when="FIRST_COMPLETED")
+        if task in done:
+            task.result()
+        yield bound.result()
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+
+
+@contextlib.asynccontextmanager
+async def captured(config: Config, name: str) -> AsyncIterator[asyncio.Event]:
+    """Capture running for source ``name``, its slot streaming (so nothing after is missed)."""
+    source = config.source(name)
+    async with capturing(config, name) as stop:
+        async with await psycopg.AsyncConnection.connect(source.dsn, autocommit=True) as conn:
+            async with asyncio.timeout(30):
+                while True:
+                    cur = await conn.execute(
+                        "SELECT active FROM pg_replication_slots WHERE slot_name = %s",
+                        (source.slot_name,),
+                    )
+                    row = await cur.fetchone()
+                    if row is not None and row[0]:
+                        break
+                    await asyncio.sleep(0.05)
+        yield stop
+
+
+class GoStyleClient:
+    """The Go project's Python client, message for message: ``init`` with the URI and the
+    keyword parameters as a Struct, then for each ``CaptureMessage`` the handler and an
+    ``ack`` echoing the whole checkpoint, with ``requeue_reason = str(error)`` when the
+    handler raised."""
+
+    def __init__(self, grpc_addr: str, uri: str, **kwargs: Any) -> None:
+        params = Struct()
+        params.update(kwargs)
+        self._grpc_addr = grpc_addr
+        self._init = pb.CaptureRequest(init=pb.CaptureInit(uri=uri, parameters=params))
+
+    async def capture(self, handler: Callable[[dict[str, Any]], None]) -> None:
+        async with grpc.aio.insecure_channel(self._grpc_addr) as channel:
+            stub = pb_grpc.DBLogGatewayStub(channel)
+            stream = stub.Capture()
+            await stream.write(self._init)
+            async for msg in stream:
+                ack = pb.CaptureAck(checkpoint=msg.checkpoint)
+                try:
+                    handler(
+                        {
+                            "checkpoint": msg.checkpoint,
+                            "change": {
+                                "op": msg.change.op,
+                                "schema": msg.change.schema,
+                                "table": msg.change.table,
+                                "new": list(msg.change.new),
+                                "old": list(msg.change.old),
+                            },
+                        }
+                    )
+                except Exception as e:
+                    ack.requeue_reason = str(e)
+                await stream.write(pb.CaptureRequest(ack=ack))
