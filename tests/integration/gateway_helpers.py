@@ -10,9 +10,8 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
-from google.protobuf.struct_pb2 import Struct
-
 import psycopg
+from google.protobuf.struct_pb2 import Struct
 from log_helpers import capturing
 
 from pgcapture.config import Config, validate_config
@@ -112,3 +111,71 @@ class GoStyleClient:
                 except Exception as e:
                     ack.requeue_reason = str(e)
                 await stream.write(pb.CaptureRequest(ack=ack))
+
+
+class BatchedClient:
+    """A raw ``CaptureBatched`` client: ``decide(message)`` returns "" to acknowledge a change
+    or a requeue reason; every handled message is kept in ``handled`` with its verdict."""
+
+    def __init__(
+        self,
+        address: str,
+        uri: str,
+        decide: Callable[[pb.CaptureMessage], str] | None = None,
+        metadata: tuple[tuple[str, str], ...] = (),
+        **parameters: Any,
+    ) -> None:
+        params = Struct()
+        params.update(parameters)
+        self.address = address
+        self.init = pb.CaptureRequest(init=pb.CaptureInit(uri=uri, parameters=params))
+        self.decide = decide or (lambda m: "")
+        self.metadata = metadata
+        self.handled: list[tuple[pb.CaptureMessage, str]] = []
+
+    async def run(self) -> None:
+        async with grpc.aio.insecure_channel(self.address) as channel:
+            stream = pb_grpc.DBLogGatewayStub(channel).CaptureBatched(metadata=self.metadata)
+            await stream.write(self.init)
+            async for batch in stream:
+                acks: list[pb.CaptureRequest] = []
+                for i, message in enumerate(batch.messages):
+                    verdict = self.decide(message)
+                    self.handled.append((message, verdict))
+                    ident = batch.first_id + i
+                    last = acks[-1].ack_range if acks else None
+                    if (
+                        last is not None
+                        and last.requeue_reason == verdict
+                        and last.last_id + 1 == ident
+                    ):
+                        last.last_id = ident
+                    else:
+                        acks.append(
+                            pb.CaptureRequest(
+                                ack_range=pb.CaptureAckRange(
+                                    first_id=ident, last_id=ident, requeue_reason=verdict
+                                )
+                            )
+                        )
+                for ack in acks:
+                    await stream.write(ack)
+
+
+def row_values(fields: Any) -> dict[str, bytes | str | None]:
+    out: dict[str, bytes | str | None] = {}
+    for f in fields:
+        kind = f.WhichOneof("value")
+        out[f.name] = None if kind is None else getattr(f, kind)
+    return out
+
+
+def int_of(value: bytes | str | None) -> int:
+    assert isinstance(value, bytes)
+    return int.from_bytes(value, "big", signed=True)
+
+
+async def wait_until(check: Callable[[], bool], seconds: float = 30, what: str = "") -> None:
+    async with asyncio.timeout(seconds):
+        while not check():
+            await asyncio.sleep(0.05)

@@ -390,6 +390,7 @@ class Hub:
             return  # a redelivery of a message this hub still holds (ack_wait ran out)
         batch = Batch(msg, seq, delivered)
         skip = self.done.pop(seq, set())
+        batch.acked = skip  # still settled if this delivery is requeued again
         items: list[Item] = []
         times = self._times
         decoded = decode_batch(msg.data)

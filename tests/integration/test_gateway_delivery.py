@@ -1,0 +1,232 @@
+"""The gateway's delivery contract against real servers: acknowledgements reach JetStream,
+requeues come back after their delay, the last delivery goes to the dead-letter stream, ordered
+URIs keep each row key's order across requeues, and refusals carry precise status codes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from collections import defaultdict
+from typing import Any
+
+import grpc
+import nats as natslib
+import pytest
+from gateway_helpers import (
+    BatchedClient,
+    GoStyleClient,
+    captured,
+    gateway_config,
+    int_of,
+    row_values,
+    running_gateway,
+    wait_until,
+)
+from google.protobuf.struct_pb2 import Struct
+from log_helpers import run_sql
+
+from pgcapture.local import LocalNats
+from pgcapture.proto import pb, pb_grpc
+
+pytestmark = pytest.mark.integration
+
+
+@contextlib.asynccontextmanager
+async def consuming(*clients: Any) -> Any:
+    tasks = [asyncio.create_task(c.run() if hasattr(c, "run") else c) for c in clients]
+    try:
+        yield tasks
+    finally:
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+
+async def consumer_state(url: str, stream: str, consumer: str) -> Any:
+    nc = await natslib.connect(url)
+    try:
+        return await nc.jetstream().consumer_info(stream, consumer)
+    finally:
+        await nc.close()
+
+
+async def test_acks_reach_jetstream_and_filtered_tables_are_skipped(
+    dsn: str, nats: LocalNats
+) -> None:
+    await run_sql(dsn, "CREATE TABLE t (id int PRIMARY KEY, v text)", "CREATE TABLE u (id int)")
+    config = gateway_config(dsn, nats.url, "acks", app={"start": "beginning"})
+    got: list[dict[str, Any]] = []
+    async with captured(config, "acks"), running_gateway(config) as address:
+        await run_sql(
+            dsn,
+            "INSERT INTO t SELECT g, 'v' || g FROM generate_series(1, 300) g",
+            "INSERT INTO u VALUES (1)",
+            "UPDATE t SET v = 'x' WHERE id <= 10",
+            "DELETE FROM t WHERE id = 300",
+            "TRUNCATE u",
+        )
+        client = GoStyleClient(address, "app", TableRegex="^t$")
+        async with consuming(client.capture(lambda m: got.append(m["change"]))):
+            await wait_until(lambda: len(got) >= 311)
+            await asyncio.sleep(0.3)  # nothing else may come
+            info = await consumer_state(nats.url, "PGCAPTURE_ACKS", "pgcapture_app")
+            stream_last = info.delivered.stream_seq
+            await wait_until(lambda: True)
+            async with asyncio.timeout(10):
+                while info.ack_floor.stream_seq < stream_last or info.num_ack_pending:
+                    await asyncio.sleep(0.1)
+                    info = await consumer_state(nats.url, "PGCAPTURE_ACKS", "pgcapture_app")
+    assert len(got) == 311
+    assert {c["table"] for c in got} == {"t"}
+    ops = [c["op"] for c in got]
+    assert ops.count(pb.Change.INSERT) == 300
+    assert ops.count(pb.Change.UPDATE) == 10
+    assert ops.count(pb.Change.DELETE) == 1
+
+
+async def test_requeue_waits_for_the_delay_then_dead_letters(dsn: str, nats: LocalNats) -> None:
+    await run_sql(dsn, "CREATE TABLE t (id int PRIMARY KEY, v text)")
+    config = gateway_config(
+        dsn, nats.url, "dlq",
+        app={"start": "beginning", "requeue_delay": 0.4, "max_deliveries": 3},
+    )  # fmt: skip
+    seen: dict[int, list[float]] = defaultdict(list)
+
+    def decide(message: pb.CaptureMessage) -> str:
+        row = int_of(row_values(message.change.new)["id"])
+        seen[row].append(time.monotonic())
+        return "index unavailable: row 5" if row == 5 else ""
+
+    async with captured(config, "dlq"), running_gateway(config) as address:
+        await run_sql(dsn, "INSERT INTO t SELECT g, 'v' FROM generate_series(1, 20) g")
+        async with consuming(BatchedClient(address, "app", decide)):
+            await wait_until(lambda: len(seen[5]) >= 3 and len(seen) == 20, 30)
+            nc = await natslib.connect(nats.url)
+            try:
+                js = nc.jetstream()
+                async with asyncio.timeout(10):
+                    while True:
+                        with contextlib.suppress(natslib.js.errors.NotFoundError):
+                            info = await js.stream_info("PGCAPTURE_DLQ_APP")
+                            if info.state.messages:
+                                break
+                        await asyncio.sleep(0.1)
+                dead = await js.get_msg("PGCAPTURE_DLQ_APP", seq=1)
+            finally:
+                await nc.close()
+            await asyncio.sleep(1.5)  # no fourth delivery
+    times = seen[5]
+    assert len(times) == 3
+    assert times[1] - times[0] >= 0.35  # requeue_delay
+    assert times[2] - times[1] >= 0.75  # doubled for the second requeue
+    assert all(len(v) == 1 for k, v in seen.items() if k != 5)  # acked ones never come back
+    headers = dead.headers or {}
+    assert headers["Pgcapture-Uri"] == "app"
+    assert headers["Pgcapture-Deliveries"] == "3"
+    assert headers["Pgcapture-Reason"] == "index unavailable: row 5"
+    record = pb.LogBatch.FromString(dead.data).records[0]
+    change = pb.Message.FromString(record.message).change
+    assert int_of(row_values(change.new)["id"]) == 5
+
+
+async def test_ordered_uri_keeps_each_keys_order_across_requeues(dsn: str, nats: LocalNats) -> None:
+    await run_sql(dsn, "CREATE TABLE k (id int PRIMARY KEY, version int)")
+    config = gateway_config(
+        dsn, nats.url, "ord",
+        app={"start": "beginning", "ordered": True, "requeue_delay": 0.05, "max_deliveries": 50},
+    )  # fmt: skip
+    rng = random.Random(7)
+    handled: dict[int, list[int]] = defaultdict(list)
+
+    def decide(message: pb.CaptureMessage) -> str:
+        if rng.random() < 0.25:
+            return "try later"
+        row = row_values(message.change.new)
+        handled[int_of(row["id"])].append(int_of(row["version"]))
+        return ""
+
+    keys, rounds = 30, 8
+    statements = [f"INSERT INTO k SELECT g, 0 FROM generate_series(1, {keys}) g"]
+    statements += [
+        f"UPDATE k SET version = version + 1 WHERE id % {1 + r % 3} = 0 OR id < 4"
+        for r in range(rounds)
+    ]
+    async with captured(config, "ord"), running_gateway(config) as address:
+        await run_sql(dsn, *statements)
+        clients = [BatchedClient(address, "app", decide) for _ in range(2)]
+        async with consuming(*clients):
+            expected = await _versions(dsn)
+            await wait_until(
+                lambda: all(handled[k] and handled[k][-1] == v for k, v in expected.items()), 60
+            )
+    for key, versions in handled.items():
+        assert versions == sorted(versions), (key, versions)
+        assert len(versions) == len(set(versions)), (key, versions)
+
+
+async def _versions(dsn: str) -> dict[int, int]:
+    import psycopg
+
+    async with await psycopg.AsyncConnection.connect(dsn) as conn:
+        cur = await conn.execute("SELECT id, version FROM k")
+        return dict(await cur.fetchall())
+
+
+async def _refusal(address: str, *requests: pb.CaptureRequest, batched: bool = False) -> Any:
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = pb_grpc.DBLogGatewayStub(channel)
+        call = stub.CaptureBatched() if batched else stub.Capture()
+        for request in requests:
+            await call.write(request)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await asyncio.wait_for(_drain(call), 10)
+        return caught.value
+
+
+async def _drain(call: Any) -> None:
+    async for _ in call:
+        pass
+
+
+def _init(uri: str, **params: Any) -> pb.CaptureRequest:
+    struct = Struct()
+    struct.update(params)
+    return pb.CaptureRequest(init=pb.CaptureInit(uri=uri, parameters=struct))
+
+
+async def test_refusals_have_precise_status_codes(dsn: str, nats: LocalNats) -> None:
+    await run_sql(dsn, "CREATE TABLE t (id int PRIMARY KEY)")
+    config = gateway_config(dsn, nats.url, "codes", app={"start": "beginning"})
+    async with captured(config, "codes"), running_gateway(config) as address:
+        error = await _refusal(address, _init("nope"))
+        assert error.code() == grpc.StatusCode.NOT_FOUND
+        assert "unknown URI 'nope'" in error.details()
+        assert "serves: app" in error.details()
+
+        error = await _refusal(address, _init("app", TableRegex="(unclosed"))
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "TableRegex '(unclosed'" in error.details()
+
+        error = await _refusal(address, _init("app", TableRegex=5))
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "must be a string" in error.details()
+
+        error = await _refusal(address, _init("app", MaxUnacked=0))
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+        ack = pb.CaptureRequest(ack=pb.CaptureAck(checkpoint=pb.Checkpoint(lsn=1, seq=1)))
+        error = await _refusal(address, ack)
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "first request should be a CaptureInit" in error.details()
+
+        error = await _refusal(address, _init("app", Unknown="ignored"), ack)
+        assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "did not deliver" in error.details()
+
+        bad_range = pb.CaptureRequest(ack_range=pb.CaptureAckRange(first_id=3, last_id=9))
+        error = await _refusal(address, _init("app"), bad_range, batched=True)
+        assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
