@@ -141,12 +141,17 @@ async def test_ordered_uri_keeps_each_keys_order_across_requeues(dsn: str, nats:
     )  # fmt: skip
     rng = random.Random(7)
     handled: dict[int, list[int]] = defaultdict(list)
+    events: list[int] = []  # versions handled, -1 for the truncate
 
     def decide(message: pb.CaptureMessage) -> str:
         if rng.random() < 0.25:
             return "try later"
+        if message.HasField("truncate"):
+            events.append(-1)
+            return ""
         row = row_values(message.change.new)
         handled[int_of(row["id"])].append(int_of(row["version"]))
+        events.append(int_of(row["version"]))
         return ""
 
     keys, rounds = 30, 8
@@ -155,6 +160,7 @@ async def test_ordered_uri_keeps_each_keys_order_across_requeues(dsn: str, nats:
         f"UPDATE k SET version = version + 1 WHERE id % {1 + r % 3} = 0 OR id < 4"
         for r in range(rounds)
     ]
+    statements += ["TRUNCATE k", f"INSERT INTO k SELECT g, 100 FROM generate_series(1, {keys}) g"]
     async with captured(config, "ord"), running_gateway(config) as address:
         await run_sql(dsn, *statements)
         clients = [BatchedClient(address, "app", decide) for _ in range(2)]
@@ -166,6 +172,10 @@ async def test_ordered_uri_keeps_each_keys_order_across_requeues(dsn: str, nats:
     for key, versions in handled.items():
         assert versions == sorted(versions), (key, versions)
         assert len(versions) == len(set(versions)), (key, versions)
+    # The truncate came after every change committed before it, and before every one after.
+    cut = events.index(-1)
+    assert all(v < 100 for v in events[:cut])
+    assert all(v == 100 for v in events[cut + 1 :])
 
 
 async def _versions(dsn: str) -> dict[int, int]:

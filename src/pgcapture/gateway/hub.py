@@ -33,7 +33,7 @@ import heapq
 import logging
 import re
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -102,6 +102,7 @@ class Item:
     commit_time: int = 0
     keys: tuple[Key, ...] = ()
     attempts: int = 0  # deliveries by this hub
+    locked: bool = False  # ordered: holds its keys and tables until settled
     due: float = 0.0
     reason: str = ""
 
@@ -185,6 +186,8 @@ class Hub:
         self.held: dict[int, Batch] = {}  # stream seq -> message not yet acknowledged
         self.done: dict[int, set[int]] = {}  # stream seq -> record seqs settled before a nak
         self.owners: dict[Key, Item] = {}  # ordered: row key -> the item it waits for
+        self._table_items: Counter[tuple[str, str]] = Counter()  # ordered: unsettled per table
+        self._truncating: Counter[tuple[str, str]] = Counter()  # ordered: truncates of it
         self.start_lsn = 0
         self.state = "starting"
         self.last_acked_commit = 0
@@ -433,24 +436,28 @@ class Hub:
     # -- handing items to clients -------------------------------------------------------
 
     def _dispatch(self) -> None:
-        """Give waiting items to clients with room, in order; an ordered URI never sends a
-        change while an earlier change of one of its row keys is unsettled."""
+        """Give waiting items to clients with room, in order. An ordered URI never sends a
+        change while an earlier change of one of its row keys is unsettled, a truncate while
+        an earlier change of its tables is, nor a change after an unsettled truncate."""
         now = time.monotonic()
         retry = self.retry
         while retry and retry[0].due <= now and self._send(retry[0]):
             heapq.heappop(retry)
         if not self.backlog or not self.sessions:
             return
-        blocked: set[Key] = set()
+        blocked: set[Key] = set()  # keys of items kept back in this pass
+        held: set[tuple[str, str]] = set()  # tables with an item kept back in this pass
+        truncates: set[tuple[str, str]] = set()  # tables with a truncate kept back
         kept: deque[Item] = deque()
         backlog = self.backlog
         while backlog:
             item = backlog.popleft()
-            if self.ordered and (
-                any(k in blocked or self.owners.get(k, item) is not item for k in item.keys)
-            ):
-                blocked.update(item.keys)
+            if self.ordered and self._must_wait(item, blocked, held, truncates):
                 kept.append(item)
+                blocked.update(item.keys)
+                held.update(item.tables)
+                if item.kind != CHANGE:
+                    truncates.update(item.tables)
                 continue
             if not self._send(item):
                 if not any(s.wants(item) for s in self.sessions):
@@ -458,6 +465,9 @@ class Hub:
                     continue
                 kept.append(item)
                 blocked.update(item.keys)
+                held.update(item.tables)
+                if item.kind != CHANGE:
+                    truncates.update(item.tables)
                 if not any(s.room() > 0 for s in self.sessions):
                     break
         kept.extend(backlog)
@@ -465,6 +475,20 @@ class Hub:
         self._count_in_flight()
         if self._wants_more():
             self._more.set()
+
+    def _must_wait(
+        self,
+        item: Item,
+        blocked: set[Key],
+        held: set[tuple[str, str]],
+        truncates: set[tuple[str, str]],
+    ) -> bool:
+        if item.kind != CHANGE:
+            return any(t in held or self._table_items[t] for t in item.tables)
+        table = item.tables[0]
+        if table in truncates or self._truncating[table]:
+            return True
+        return any(k in blocked or self.owners.get(k, item) is not item for k in item.keys)
 
     def _send(self, item: Item) -> bool:
         best: Session | None = None
@@ -475,8 +499,14 @@ class Hub:
                 best, best_room = session, room
         if best is None:
             return False
-        for key in item.keys:
-            self.owners[key] = item
+        if self.ordered and not item.locked:
+            item.locked = True
+            for key in item.keys:
+                self.owners[key] = item
+            for table in item.tables:
+                self._table_items[table] += 1
+                if item.kind != CHANGE:
+                    self._truncating[table] += 1
         item.attempts += 1
         best.outbox.append(item)
         best.wake.set()
@@ -562,9 +592,16 @@ class Hub:
                 self._settle_batch(batch)
 
     def _unlock(self, item: Item) -> None:
+        if not item.locked:
+            return
+        item.locked = False
         for key in item.keys:
             if self.owners.get(key) is item:
                 del self.owners[key]
+        for table in item.tables:
+            self._table_items[table] -= 1
+            if item.kind != CHANGE:
+                self._truncating[table] -= 1
 
     def _settle_batch(self, batch: Batch) -> None:
         """Acknowledge a settled message; an ordered URI only in stream order."""
