@@ -442,7 +442,8 @@ def _check_gateway(config: Config) -> None:
             ("consumer", uri.consumer_name),
             ("dead letter stream", uri.dead_letter_name),
         ):
-            other = seen.setdefault(f"{what}:{uri.source}:{value}", name)
+            scope = uri.source if what == "consumer" else ""  # stream names are global
+            other = seen.setdefault(f"{what}:{scope}:{value}", name)
             if other != name:
                 problems.append(
                     f"gateway.uris.{name}: uses the same {what} {value!r} as URI {other!r}; "

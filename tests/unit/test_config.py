@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pgcapture.config import load_config, parse_duration, parse_size
+from pgcapture.config import Config, load_config, parse_duration, parse_size
 from pgcapture.errors import ConfigError
 
 EXAMPLE = """
@@ -162,3 +162,243 @@ def test_durations(text: str | int, seconds: float) -> None:
 )
 def test_sizes(text: str | int, size: int) -> None:
     assert parse_size(text) == size
+
+
+# -- [gateway] ---------------------------------------------------------------------------------
+
+GATEWAY = """
+[sources.app]
+dsn = "dbname=app"
+
+[sources.billing]
+dsn = "dbname=billing"
+
+[gateway]
+listen = "0.0.0.0:10001"
+
+[gateway.tls]
+cert = "/etc/pgcapture/gateway.pem"
+key = "/etc/pgcapture/gateway.key"
+
+[gateway.auth.tokens.reporting]
+token_file = "/etc/pgcapture/reporting.token"
+uris = ["orders"]
+
+[gateway.uris.orders]
+source = "app"
+"""
+
+
+def _gateway(tmp_path: Path, extra: str = "", env: dict[str, str] | None = None) -> Config:
+    return load_config(_write(tmp_path, GATEWAY + extra), env=env or {})
+
+
+def test_gateway_defaults() -> None:
+    gateway = load_config(None, env={}).gateway
+    assert gateway.listen == "127.0.0.1:10001"
+    assert gateway.max_batch_records == 500
+    assert gateway.max_batch_bytes == 1 << 20
+    assert gateway.max_message_bytes == 64 << 20
+    assert gateway.tls.cert is None
+    assert gateway.tls.key is None
+    assert gateway.tls.client_ca is None
+    assert gateway.tls.disabled is False
+    assert gateway.auth.disabled is False
+    assert gateway.auth.tokens == {}
+    assert gateway.uris == {}
+
+
+def test_gateway_uri_defaults_and_derived_names(tmp_path: Path) -> None:
+    config = _gateway(tmp_path)
+    uri = config.gateway.uris["orders"]
+    assert uri.name == "orders"
+    assert uri.source == "app"
+    assert uri.consumer_name == "pgcapture_orders"
+    assert uri.start == "new"
+    assert uri.ordered is False
+    assert uri.requeue_delay == 5
+    assert uri.requeue_max_delay == 300
+    assert uri.max_deliveries == 10
+    assert uri.dead_letter_name == "PGCAPTURE_DLQ_ORDERS"
+    assert uri.dead_letter_subject == "pgcapture.dlq.orders"
+    assert uri.max_unacked == 2000
+    assert uri.ack_wait == 60
+    assert uri.max_ack_pending == 1000
+    assert uri.dump_replica == ""
+    token = config.gateway.auth.tokens["reporting"]
+    assert token.token is None
+    assert token.token_file == Path("/etc/pgcapture/reporting.token")
+    assert token.uris == ["orders"]
+    assert config.gateway.tls.cert == Path("/etc/pgcapture/gateway.pem")
+
+
+def test_gateway_values_with_units_and_start_positions(tmp_path: Path) -> None:
+    extra = """
+[gateway.uris."orders.eu"]
+source = "app"
+start = "lsn:16/B374D848"
+requeue_delay = "500ms"
+requeue_max_delay = "1m"
+ack_wait = "2m"
+
+[gateway.uris.invoices]
+source = "billing"
+start = "beginning"
+"""
+    config = _gateway(tmp_path, extra)
+    eu = config.gateway.uris["orders.eu"]
+    assert eu.start == "lsn:16/B374D848"
+    assert eu.requeue_delay == pytest.approx(0.5)
+    assert eu.requeue_max_delay == 60
+    assert eu.ack_wait == 120
+    assert eu.consumer_name == "pgcapture_orders_eu"
+    assert config.gateway.uris["invoices"].start == "beginning"
+
+
+def test_gateway_uri_with_a_bad_start_is_refused(tmp_path: Path) -> None:
+    extra = '\n[gateway.uris.late]\nsource = "app"\nstart = "yesterday"\n'
+    with pytest.raises(ConfigError, match=r"gateway\.uris\.late\.start: .*got 'yesterday'"):
+        _gateway(tmp_path, extra)
+
+
+def test_gateway_uri_names_hold_letters_digits_and_punctuation_only(tmp_path: Path) -> None:
+    extra = '\n[gateway.uris."orders eu"]\nsource = "app"\n'
+    with pytest.raises(ConfigError, match=r"gateway\.uris\.orders eu: a URI may hold only"):
+        _gateway(tmp_path, extra)
+
+
+def test_gateway_uri_of_an_unknown_source_lists_the_sources(tmp_path: Path) -> None:
+    extra = '\n[gateway.uris.payments]\nsource = "payments"\n'
+    with pytest.raises(ConfigError) as err:
+        _gateway(tmp_path, extra)
+    text = str(err.value)
+    assert "gateway.uris.payments.source: 'payments' is not a configured source" in text
+    assert "(configured: app, billing)" in text
+    assert "[sources.payments]" in text
+
+
+def test_gateway_uri_needs_a_source(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"gateway\.uris\.bare\.source: required but not set"):
+        _gateway(tmp_path, "\n[gateway.uris.bare]\nordered = true\n")
+
+
+@pytest.mark.parametrize(
+    "fields",
+    ['token = "abc"\ntoken_file = "/etc/t"', 'uris = ["orders"]'],
+    ids=["both", "neither"],
+)
+def test_gateway_token_needs_exactly_one_of_token_and_token_file(
+    tmp_path: Path, fields: str
+) -> None:
+    extra = f"\n[gateway.auth.tokens.ci]\n{fields}\n"
+    with pytest.raises(
+        ConfigError, match=r"gateway\.auth\.tokens\.ci: set exactly one of token and token_file"
+    ):
+        _gateway(tmp_path, extra)
+
+
+def test_gateway_token_listing_an_unknown_uri_is_refused(tmp_path: Path) -> None:
+    extra = '\n[gateway.auth.tokens.ci]\ntoken = "abc"\nuris = ["orders", "refunds"]\n'
+    with pytest.raises(ConfigError) as err:
+        _gateway(tmp_path, extra)
+    text = str(err.value)
+    assert "gateway.auth.tokens.ci.uris: 'refunds' is not a configured URI" in text
+    assert "'orders'" not in text
+    assert '"*"' in text
+
+
+def test_gateway_requeue_max_delay_below_requeue_delay_is_refused(tmp_path: Path) -> None:
+    extra = 'requeue_delay = "10m"\nrequeue_max_delay = "1m"\n'
+    with pytest.raises(ConfigError) as err:
+        _gateway(tmp_path, extra)
+    text = str(err.value)
+    assert "gateway.uris.orders.requeue_max_delay: 60.0s is below requeue_delay (600.0s)" in text
+    assert "raise it" in text
+
+
+def test_gateway_uris_sharing_a_consumer_are_refused(tmp_path: Path) -> None:
+    extra = '\n[gateway.uris.audit]\nsource = "app"\nconsumer = "pgcapture_orders"\n'
+    with pytest.raises(ConfigError) as err:
+        _gateway(tmp_path, extra)
+    text = str(err.value)
+    assert "gateway.uris.audit: uses the same consumer 'pgcapture_orders' as URI 'orders'" in text
+    assert "[gateway.uris.audit]" in text
+
+
+def test_gateway_uri_names_that_derive_the_same_consumer_are_refused(tmp_path: Path) -> None:
+    extra = (
+        '\n[gateway.uris."orders.eu"]\nsource = "app"\n[gateway.uris.orders_eu]\nsource = "app"\n'
+    )
+    with pytest.raises(ConfigError, match="same consumer 'pgcapture_orders_eu'"):
+        _gateway(tmp_path, extra)
+
+
+def test_gateway_same_consumer_name_on_different_sources_is_allowed(tmp_path: Path) -> None:
+    extra = '\n[gateway.uris.invoices]\nsource = "billing"\nconsumer = "pgcapture_orders"\n'
+    config = _gateway(tmp_path, extra)
+    assert config.gateway.uris["invoices"].consumer_name == "pgcapture_orders"
+
+
+def test_gateway_unknown_uri_key_lists_the_valid_keys(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as err:
+        _gateway(tmp_path, "max_unacked_changes = 5\n")
+    text = str(err.value)
+    assert (
+        "gateway.uris.orders.max_unacked_changes: unknown key; the keys allowed here are:" in text
+    )
+    for key in ("ack_wait", "consumer", "max_unacked", "requeue_delay", "source", "start"):
+        assert key in text
+    assert " name," not in text  # set from the section's name, not a key to write
+
+
+def test_gateway_unknown_tls_and_auth_keys_list_the_valid_keys(tmp_path: Path) -> None:
+    text = GATEWAY.replace('key = "/etc', 'private_key = "/etc').replace("uris = [", "allowed = [")
+    with pytest.raises(ConfigError) as err:
+        load_config(_write(tmp_path, text), env={})
+    message = str(err.value)
+    assert "gateway.tls.private_key: unknown key" in message
+    assert "cert, client_ca, disabled, key" in message
+    assert "gateway.auth.tokens.reporting.allowed: unknown key" in message
+    assert "token, token_file, uris" in message
+
+
+def test_gateway_environment_overrides(tmp_path: Path) -> None:
+    env = {
+        "PGCAPTURE_GATEWAY__URIS__ORDERS__MAX_UNACKED": "5",
+        "PGCAPTURE_GATEWAY__URIS__ORDERS__ORDERED": "true",
+        "PGCAPTURE_GATEWAY__LISTEN": "127.0.0.1:20001",
+        "PGCAPTURE_GATEWAY__MAX_MESSAGE_BYTES": "16MiB",
+        "PGCAPTURE_GATEWAY__AUTH__TOKENS__REPORTING__URIS": '["*"]',
+    }
+    config = _gateway(tmp_path, env=env)
+    assert config.gateway.uris["orders"].max_unacked == 5
+    assert config.gateway.uris["orders"].ordered is True
+    assert config.gateway.listen == "127.0.0.1:20001"
+    assert config.gateway.max_message_bytes == 16 << 20
+    assert config.gateway.auth.tokens["reporting"].uris == ["*"]
+
+
+def test_gateway_bad_environment_value_names_the_variable(tmp_path: Path) -> None:
+    env = {"PGCAPTURE_GATEWAY__URIS__ORDERS__MAX_UNACKED": "0"}
+    with pytest.raises(ConfigError) as err:
+        _gateway(tmp_path, env=env)
+    text = str(err.value)
+    assert "gateway.uris.orders.max_unacked" in text
+    assert "PGCAPTURE_GATEWAY__URIS__ORDERS__MAX_UNACKED" in text
+
+
+def test_gateway_flags_disable_tls_and_auth(tmp_path: Path) -> None:
+    config = load_config(
+        _write(tmp_path, GATEWAY),
+        env={},
+        overrides={"gateway.tls.disabled": True, "gateway.auth.disabled": True},
+    )
+    assert config.gateway.tls.disabled is True
+    assert config.gateway.auth.disabled is True
+    assert config.gateway.tls.cert == Path("/etc/pgcapture/gateway.pem")
+
+
+def test_gateway_message_size_below_one_mebibyte_is_refused(tmp_path: Path) -> None:
+    text = GATEWAY.replace('listen = "0.0.0.0:10001"', 'max_message_bytes = "64KiB"')
+    with pytest.raises(ConfigError, match=r"gateway\.max_message_bytes: .*1048576"):
+        load_config(_write(tmp_path, text), env={})

@@ -13,6 +13,7 @@ import click
 from pgcapture import __version__
 from pgcapture.cli.bootstrap import bootstrap
 from pgcapture.cli.capture import capture
+from pgcapture.cli.gateway import gateway
 from pgcapture.cli.quickstart import quickstart
 from pgcapture.cli.replicate import replicate
 from pgcapture.cli.tail import tail
@@ -30,6 +31,7 @@ cli.add_command(quickstart)
 cli.add_command(capture)
 cli.add_command(bootstrap)
 cli.add_command(replicate)
+cli.add_command(gateway)
 
 
 def main() -> None:

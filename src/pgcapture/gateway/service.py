@@ -112,8 +112,9 @@ class GatewayService:
         try:
             init = await _first(requests)
             uri = init.uri
-            route = await self._resolver.resolve(uri)
+            # The token first: a client without one learns nothing, not even which URIs exist.
             principal = self._authorizer.authorize(context.invocation_metadata(), uri)
+            route = await self._resolver.resolve(uri)
             regex, window = parameters(init.parameters, route.settings.max_unacked)
             if not self._available:
                 raise GatewayError(
