@@ -240,3 +240,68 @@ async def test_refusals_have_precise_status_codes(dsn: str, nats: LocalNats) -> 
         bad_range = pb.CaptureRequest(ack_range=pb.CaptureAckRange(first_id=3, last_id=9))
         error = await _refusal(address, _init("app"), bad_range, batched=True)
         assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+async def test_clients_of_one_uri_share_it_and_uris_are_independent(
+    dsn: str, nats: LocalNats
+) -> None:
+    await run_sql(dsn, "CREATE TABLE t (id int PRIMARY KEY)")
+    config = gateway_config(
+        dsn, nats.url, "share", one={"start": "beginning"}, two={"start": "beginning"}
+    )
+    async with captured(config, "share"), running_gateway(config) as address:
+        await run_sql(
+            dsn, *(f"INSERT INTO t SELECT g FROM generate_series({i}, {i + 99}) g"
+                   for i in range(0, 2000, 100)),
+        )  # fmt: skip
+        sharing = [BatchedClient(address, "one", MaxUnacked=60) for _ in range(2)]
+        alone = BatchedClient(address, "two")
+        async with consuming(*sharing, alone):
+            await wait_until(
+                lambda: sum(len(c.handled) for c in sharing) >= 2000 and len(alone.handled) >= 2000
+            )
+            await asyncio.sleep(0.3)
+    ids = [[int_of(row_values(m.change.new)["id"]) for m, _ in c.handled] for c in sharing]
+    assert all(ids), "both clients of URI one received work"
+    assert sorted(ids[0] + ids[1]) == list(range(2000))  # each change once
+    assert sorted(int_of(row_values(m.change.new)["id"]) for m, _ in alone.handled) == list(
+        range(2000)
+    )
+
+
+async def test_start_positions_of_new_uris(dsn: str, nats: LocalNats) -> None:
+    import psycopg
+
+    await run_sql(dsn, "CREATE TABLE t (id int PRIMARY KEY)")
+    probe = gateway_config(dsn, nats.url, "start")
+    async with captured(probe, "start"):
+        await run_sql(dsn, "INSERT INTO t VALUES (1)", "INSERT INTO t VALUES (2)")
+        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+            await asyncio.sleep(1.1)
+            at = (await (await conn.execute("SELECT now()")).fetchone())[0]  # type: ignore[index]
+            await conn.execute("INSERT INTO t VALUES (3)")
+            lsn = (await (await conn.execute("SELECT pg_current_wal_lsn()")).fetchone())[0]  # type: ignore[index]
+            await conn.execute("INSERT INTO t VALUES (4)")
+        config = gateway_config(
+            dsn, nats.url, "start",
+            all={"start": "beginning"},
+            new={"start": "new"},
+            lsn={"start": f"lsn:{lsn}"},
+            time={"start": f"time:{at.isoformat()}"},
+        )  # fmt: skip
+        await asyncio.sleep(0.5)  # 1..4 are stored
+        async with running_gateway(config) as address:
+            clients = {uri: BatchedClient(address, uri) for uri in ("all", "new", "lsn", "time")}
+            async with consuming(*clients.values()):
+                await wait_until(lambda: len(clients["all"].handled) >= 4)
+                await asyncio.sleep(0.5)  # "new" is created: only what comes after
+                await run_sql(dsn, "INSERT INTO t VALUES (5)")
+                await wait_until(lambda: all(
+                    c.handled and int_of(row_values(c.handled[-1][0].change.new)["id"]) == 5
+                    for c in clients.values()
+                ))  # fmt: skip
+    got = {
+        uri: [int_of(row_values(m.change.new)["id"]) for m, _ in c.handled]
+        for uri, c in clients.items()
+    }
+    assert got == {"all": [1, 2, 3, 4, 5], "new": [5], "lsn": [4, 5], "time": [3, 4, 5]}

@@ -361,7 +361,7 @@ class Hub:
             lsn = LSN.parse(start[4:])
             config.deliver_policy = api.DeliverPolicy.BY_START_SEQUENCE
             config.opt_start_seq = await locate(self.js, stream, max(lsn - 1, 0))
-            config.metadata = {START_LSN: str(lsn)}
+            config.metadata = {START_LSN: str(int(lsn))}
         else:
             config.deliver_policy = api.DeliverPolicy.BY_START_TIME
             config.opt_start_time = _parse_time(start[5:], self.route.uri)
