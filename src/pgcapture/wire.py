@@ -65,11 +65,19 @@ _TAG_BINARY: Final = b"\x1a"  # Field.binary = 3, length-delimited
 _TAG_TEXT: Final = b"\x22"  # Field.text = 4, length-delimited
 TAG_NEW: Final = b"\x22"  # Change.new = 4
 TAG_OLD: Final = b"\x2a"  # Change.old = 5
+KEY_SUFFIX: Final = b"\x28\x01"  # Field.key = 5, true: the last field of a Field, after the value
 
 
 def field_prefix(name: str, oid: int) -> bytes:
     """The constant head of a ``Field`` for one column: name and oid."""
     return field_string(1, name) + field_varint(2, oid)
+
+
+def field_suffix(key: bool) -> bytes:
+    """The constant tail of a ``Field`` for one column: ``key = true`` for a column of the
+    replica identity, else nothing (proto3's default). It follows the value, or the prefix of
+    a NULL."""
+    return KEY_SUFFIX if key else b""
 
 
 def value_head(kind: int, length: int) -> bytes:
@@ -78,11 +86,12 @@ def value_head(kind: int, length: int) -> bytes:
     return (_TAG_BINARY if kind == 98 else _TAG_TEXT) + varint(length)
 
 
-def encode_field(prefix: bytes, kind: int, value: bytes | None) -> bytes:
-    """One ``Field``: ``kind`` is ``ord('b')`` binary, ``ord('t')`` text, else NULL (unset)."""
+def encode_field(prefix: bytes, kind: int, value: bytes | None, suffix: bytes = b"") -> bytes:
+    """One ``Field``: ``kind`` is ``ord('b')`` binary, ``ord('t')`` text, else NULL (unset);
+    ``suffix`` is the column's ``field_suffix``."""
     if value is None:
-        return prefix
-    return prefix + value_head(kind, len(value)) + value
+        return prefix + suffix
+    return prefix + value_head(kind, len(value)) + value + suffix
 
 
 def entry(tag: bytes, field: bytes) -> bytes:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import struct
 
 import pytest
+from google.protobuf.message import DecodeError as ProtobufDecodeError
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -47,12 +48,30 @@ cells = st.one_of(
 )
 
 
-def both_paths(messages: list[bytes]) -> tuple[list[Record], list[Record]]:
-    slow, fast = ChangeAssembler(), ChangeAssembler()
+def both_paths(
+    messages: list[bytes], fast: ChangeAssembler | None = None
+) -> tuple[list[Record], list[Record]]:
+    slow, fast = ChangeAssembler(), fast or ChangeAssembler()
     slow_decoder, fast_decoder = PgOutputDecoder(1), PgOutputDecoder(1)
     slow_out = [r for m in messages if (r := slow.feed(slow_decoder.decode(m))) is not None]
     fast_out = [r for m in messages if (r := fast.feed_raw(m, fast_decoder.decode)) is not None]
     return slow_out, fast_out
+
+
+def check_keys(records: list[Record], keys: dict[str, bool]) -> int:
+    """Every change is protobuf's own serialization, its fields flagged ``key`` exactly for the
+    key columns; returns how many fields were checked."""
+    checked = 0
+    for record in records:
+        try:
+            msg = pb.Message.FromString(record.message)
+        except ProtobufDecodeError:  # a text value that is not UTF-8 (binary values sent as text)
+            continue
+        assert msg.SerializeToString() == record.message
+        for f in [*msg.change.new, *msg.change.old]:
+            assert f.key == keys[f.name], f.name
+            checked += 1
+    return checked
 
 
 @settings(max_examples=300, deadline=None)
@@ -67,6 +86,8 @@ def both_paths(messages: list[bytes]) -> tuple[list[Record], list[Record]]:
 )
 def test_fast_path_produces_the_same_records(case: tuple[list[bool], list, str]) -> None:  # type: ignore[type-arg]
     keys, rows, identity = case
+    if identity == "f":
+        keys = [True] * len(keys)  # the server flags every column under REPLICA IDENTITY FULL
     columns = [(f"c{i}", 20 + i, key) for i, key in enumerate(keys)]
     messages = [begin(1000), relation(5, columns, identity)]
     for row in rows:
@@ -78,11 +99,43 @@ def test_fast_path_produces_the_same_records(case: tuple[list[bool], list, str])
         swapped = [({"b": "t", "t": "b"}.get(k, k), v) for k, v in row]
         messages.append(b"I" + struct.pack(">I", 5) + b"N" + tuple_bytes(swapped))
         messages.append(b"U" + struct.pack(">I", 5) + b"O" + new + b"N" + new)
+        # An old row that has the values of the unchanged TOAST columns (filled under FULL).
+        filled = tuple_bytes([("b", b"old") if k == "u" else (k, v) for k, v in row])
+        messages.append(b"U" + struct.pack(">I", 5) + b"O" + filled + b"N" + new)
         key_image = [c if k else ("n", b"") for c, k in zip(row, keys, strict=True)]
         messages.append(b"D" + struct.pack(">I", 5) + b"K" + tuple_bytes(key_image))
     messages.append(commit(1000))
     slow, fast = both_paths(messages)
     assert fast == slow
+    check_keys(fast, {name: key for name, _oid, key in columns})
+
+
+def test_key_flags_on_every_path() -> None:
+    """Key columns carry ``Field.key`` through the compiled layout, the fused path and the
+    decoded path alike: binary, text and NULL values, the key flag before or after a NULL."""
+    columns = [("id", 20, True), ("v", 25, False), ("k2", 25, True), ("n", 23, False)]
+    rows = [
+        [("b", b"\0" * 8), ("t", b"text"), ("t", b"k"), ("n", b"")],
+        [("b", b"\0" * 8), ("n", b""), ("n", b""), ("b", b"\0\0\0\1")],
+        [("t", b"12"), ("b", b"x"), ("b", b""), ("n", b"")],
+    ]
+    messages = [begin(7), relation(5, columns)]
+    for row in rows:
+        new = tuple_bytes(row)
+        messages += [b"I\0\0\0\5N" + new] * 3 + [b"U\0\0\0\5N" + new] * 3
+        key_image = [c if k else ("n", b"") for c, (_n, _o, k) in zip(row, columns, strict=True)]
+        messages.append(b"D\0\0\0\5K" + tuple_bytes(key_image))
+        messages.append(b"U\0\0\0\5K" + tuple_bytes(key_image) + b"N" + new)
+    messages.append(commit(7))
+    assembler = ChangeAssembler()
+    slow, fast = both_paths(messages, assembler)
+    assert fast == slow
+    assert assembler._layouts  # the compiled layouts took part
+    keys = {name: key for name, _oid, key in columns}
+    assert check_keys(fast, keys) > 0
+    deletes = [pb.Message.FromString(r.message).change for r in fast if r.seq % 8 == 7]
+    only_keys = [("id", True), ("k2", True)]
+    assert [[(f.name, f.key) for f in d.old] for d in deletes] == [only_keys] * 3
 
 
 def test_layouts_follow_relation_changes() -> None:
@@ -107,20 +160,26 @@ def test_unchanged_toast_is_absent_and_null_is_unset() -> None:
         change = pb.Message.FromString(records[1].message).change
         assert [f.name for f in change.new] == ["id", "n"]
         assert change.new[1].WhichOneof("value") is None
+        assert [f.key for f in change.new] == [True, False]
+        check_keys(records, {"id": True, "body": False, "n": False})
         assert [(r.lsn, r.seq) for r in records] == [(99, 0), (99, 1), (99, 2)]
 
 
 def test_full_identity_fills_unchanged_toast_from_the_old_row() -> None:
-    columns = [("id", 23, True), ("body", 25, False)]
-    old = tuple_bytes([("b", b"\0\0\0\1"), ("b", b"long text")])
-    new = tuple_bytes([("b", b"\0\0\0\1"), ("u", b"")])
+    # under REPLICA IDENTITY FULL the server flags every column as part of the key
+    columns = [("id", 23, True), ("body", 25, True), ("n", 23, True)]
+    old = tuple_bytes([("b", b"\0\0\0\1"), ("b", b"long text"), ("n", b"")])
+    new = tuple_bytes([("b", b"\0\0\0\1"), ("u", b""), ("n", b"")])
     messages = [begin(99), relation(5, columns, "f"), b"U\0\0\0\5O" + old + b"N" + new, commit(99)]
     for records in both_paths(messages):
         change = pb.Message.FromString(records[1].message).change
         assert [(f.name, f.binary) for f in change.new] == [
             ("id", b"\0\0\0\1"),
             ("body", b"long text"),
+            ("n", b""),
         ]
+        assert all(f.key for f in [*change.new, *change.old])
+        assert check_keys(records, {"id": True, "body": True, "n": True}) == 6
 
 
 def test_malformed_row_raises_the_decoders_error() -> None:

@@ -19,7 +19,9 @@ columns = st.tuples(
         st.tuples(st.just("binary"), st.binary(max_size=300)),
         st.tuples(st.just("text"), st.text(max_size=300)),
     ),
+    st.booleans(),  # Field.key
 )
+Column = tuple[str, int, tuple[str, object] | None, bool]
 
 
 @given(u64)
@@ -28,25 +30,25 @@ def test_varint_matches_protobuf(value: int) -> None:
     assert wire.field_varint(1, value) == expected
 
 
-def _encode_columns(cols: list[tuple[str, int, tuple[str, object] | None]]) -> list[bytes]:
+def _encode_columns(cols: list[Column]) -> list[bytes]:
     out = []
-    for name, oid, value in cols:
-        prefix = wire.field_prefix(name, oid)
+    for name, oid, value, key in cols:
+        prefix, suffix = wire.field_prefix(name, oid), wire.field_suffix(key)
         if value is None:
-            out.append(wire.encode_field(prefix, ord("n"), None))
+            out.append(wire.encode_field(prefix, ord("n"), None, suffix))
         elif value[0] == "binary":
             assert isinstance(value[1], bytes)
-            out.append(wire.encode_field(prefix, ord("b"), value[1]))
+            out.append(wire.encode_field(prefix, ord("b"), value[1], suffix))
         else:
             assert isinstance(value[1], str)
-            out.append(wire.encode_field(prefix, ord("t"), value[1].encode()))
+            out.append(wire.encode_field(prefix, ord("t"), value[1].encode(), suffix))
     return out
 
 
-def _pb_fields(cols: list[tuple[str, int, tuple[str, object] | None]]) -> list[pb.Field]:
+def _pb_fields(cols: list[Column]) -> list[pb.Field]:
     fields = []
-    for name, oid, value in cols:
-        f = pb.Field(name=name, oid=oid)
+    for name, oid, value, key in cols:
+        f = pb.Field(name=name, oid=oid, key=key)
         if value is not None:
             setattr(f, value[0], value[1])
         fields.append(f)
@@ -66,6 +68,17 @@ def test_change_message_matches_protobuf(
     ours = wire.encode_change_message(head, _encode_columns(new), _encode_columns(old))
     change = pb.Change(op=op, schema=schema, table=table, new=_pb_fields(new), old=_pb_fields(old))
     assert ours == pb.Message(change=change).SerializeToString()
+
+
+@given(names, u32, columns.map(lambda c: c[2]), st.booleans())
+def test_field_matches_protobuf(
+    name: str, oid: int, value: tuple[str, object] | None, key: bool
+) -> None:
+    (ours,) = _encode_columns([(name, oid, value, key)])
+    assert ours == _pb_fields([(name, oid, value, key)])[0].SerializeToString()
+    if key:  # the flag is the last field, after the value (or the name and oid of a NULL)
+        assert ours.endswith(b"\x28\x01")
+        assert ours[:-2] == _encode_columns([(name, oid, value, False)])[0]
 
 
 @given(u64, u64, u32)

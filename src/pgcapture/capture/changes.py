@@ -12,6 +12,8 @@ the wire contract (contract 3):
   except under REPLICA IDENTITY FULL where the old row carries it and it is copied over.
 * ``old``: under REPLICA IDENTITY FULL the whole old row (NULLs as fields without value); with a
   key-only old image (``K``) just the key columns, since the server sends NULL for the others.
+* ``Field.key`` is set on every field of a column the Relation message flags as part of the
+  replica identity (every column under REPLICA IDENTITY FULL), in both images.
 """
 
 from __future__ import annotations
@@ -79,10 +81,13 @@ class _RelationEncoder:
     table: str
     full_identity: bool
     prefixes: tuple[bytes, ...]
+    suffixes: tuple[bytes, ...]  # per column, what follows the value: the key flag or nothing
+    nulls: tuple[bytes, ...]  # per column, a NULL field: prefix and suffix
     keys: tuple[bool, ...]
     heads: tuple[bytes, bytes, bytes]  # Change head for INSERT, UPDATE, DELETE
     # Per column, value length -> the bytes before the value in a Change.new entry
-    # (entry tag, entry length, name, oid, value tag, value length); see _fast_tuple.
+    # (entry tag, entry length, name, oid, value tag, value length); see _fast_tuple. The
+    # column's suffix follows the value.
     new_heads: tuple[dict[int, bytes], ...]
     old_heads: tuple[dict[int, bytes], ...]
 
@@ -92,11 +97,15 @@ class _RelationEncoder:
             wire.change_head(op, rel.namespace, rel.name)
             for op in (wire.OP_INSERT, wire.OP_UPDATE, wire.OP_DELETE)
         )
+        prefixes = tuple(wire.field_prefix(c.name, c.type_oid) for c in rel.columns)
+        suffixes = tuple(wire.field_suffix(c.is_key) for c in rel.columns)
         return cls(
             schema=rel.namespace,
             table=rel.name,
             full_identity=rel.replica_identity == "f",
-            prefixes=tuple(wire.field_prefix(c.name, c.type_oid) for c in rel.columns),
+            prefixes=prefixes,
+            suffixes=suffixes,
+            nulls=tuple(p + s for p, s in zip(prefixes, suffixes, strict=True)),
             keys=tuple(c.is_key for c in rel.columns),
             heads=(heads[0], heads[1], heads[2]),
             new_heads=tuple({} for _ in rel.columns),
@@ -174,7 +183,7 @@ class ChangeAssembler:
         if len(self._layouts) >= _MAX_LAYOUTS:
             self._layouts.clear()
         head = rel.heads[0] if key[1] == 73 else rel.heads[1]
-        self._layouts[key] = RowLayout(skeleton, rel.prefixes, head, wire.TAG_NEW)
+        self._layouts[key] = RowLayout(skeleton, rel.prefixes, rel.suffixes, head, wire.TAG_NEW)
 
     def feed(self, msg: PgOutputMessage) -> Record | None:
         kind = type(msg)
@@ -236,12 +245,12 @@ class ChangeAssembler:
         rel = self._relation(msg.relid)
         seq = self._next_seq("row change")
         if type(msg) is Insert:
-            new = _fields(rel.prefixes, msg.new)
+            new = _fields(rel, msg.new)
             body = wire.encode_change_message(rel.heads[0], new, [])
         elif type(msg) is Update:
             old = _old_fields(rel, msg.old_kind, msg.old)
             full_old = msg.old if rel.full_identity else None
-            new = _fields(rel.prefixes, msg.new, full_old)
+            new = _fields(rel, msg.new, full_old)
             body = wire.encode_change_message(rel.heads[1], new, old)
         else:
             assert isinstance(msg, Delete)
@@ -269,6 +278,7 @@ def _fast_tuple(
     malformed tuple: the slow path then decides)."""
     natts = _U16.unpack_from(data, off)[0]
     prefixes = rel.prefixes
+    suffixes, nulls = rel.suffixes, rel.nulls
     if natts != len(prefixes):
         return None
     off += 2
@@ -288,33 +298,37 @@ def _fast_tuple(
                 continue
             heads = cache[i]
             head = heads.get(n if kind == 98 else -1 - n)
+            suffix = suffixes[i]
             if head is None:
-                head = _entry_head(entry_tag, prefixes[i], kind, n, heads)
+                head = _entry_head(entry_tag, prefixes[i], suffix, kind, n, heads)
             append(head)
             append(data[start:off])
+            if suffix:
+                append(suffix)
         elif kind == 110:  # 'n'
             off += 1
             if only is None or only[i]:
-                append(wire.entry(entry_tag, prefixes[i]))
+                append(wire.entry(entry_tag, nulls[i]))
         else:
             return None
     return b"".join(parts) if off == size else None
 
 
 def _entry_head(
-    entry_tag: bytes, prefix: bytes, kind: int, n: int, heads: dict[int, bytes]
+    entry_tag: bytes, prefix: bytes, suffix: bytes, kind: int, n: int, heads: dict[int, bytes]
 ) -> bytes:
-    """Everything of one ``Change.new``/``old`` entry before a value of ``n`` bytes, cached
-    per column by length (negative keys for text values)."""
+    """Everything of one ``Change.new``/``old`` entry before a value of ``n`` bytes (which
+    ``suffix`` follows), cached per column by length (negative keys for text values)."""
     value_head = wire.value_head(kind, n)
-    head = entry_tag + wire.varint(len(prefix) + len(value_head) + n) + prefix + value_head
+    field_len = len(prefix) + len(value_head) + n + len(suffix)
+    head = entry_tag + wire.varint(field_len) + prefix + value_head
     if len(heads) < 256:
         heads[n if kind == 98 else -1 - n] = head
     return head
 
 
 def _fields(
-    prefixes: tuple[bytes, ...],
+    rel: _RelationEncoder,
     row: TupleData,
     fill: TupleData | None = None,
     only: tuple[bool, ...] | None = None,
@@ -323,16 +337,17 @@ def _fields(
     row under REPLICA IDENTITY FULL) has its value; ``only`` keeps just the flagged columns."""
     out: list[bytes] = []
     encode = wire.encode_field
+    prefixes, suffixes = rel.prefixes, rel.suffixes
     values = row.values
     for i, kind in enumerate(row.kinds):
         if only is not None and not only[i]:
             continue
         if kind in (BINARY, TEXT):
-            out.append(encode(prefixes[i], kind, values[i]))
+            out.append(encode(prefixes[i], kind, values[i], suffixes[i]))
         elif kind == NULL:
-            out.append(prefixes[i])
+            out.append(rel.nulls[i])
         elif fill is not None and i < len(fill.kinds) and fill.kinds[i] in (BINARY, TEXT):
-            out.append(encode(prefixes[i], fill.kinds[i], fill.values[i]))
+            out.append(encode(prefixes[i], fill.kinds[i], fill.values[i], suffixes[i]))
     return out
 
 
@@ -340,6 +355,6 @@ def _old_fields(rel: _RelationEncoder, old_kind: str | None, old: TupleData | No
     if old is None:
         return []
     if old_kind == "O":
-        return _fields(rel.prefixes, old)
+        return _fields(rel, old)
     # Key-only image: the server sends NULL for every non-key column; keep the key columns.
-    return _fields(rel.prefixes, old, only=rel.keys)
+    return _fields(rel, old, only=rel.keys)

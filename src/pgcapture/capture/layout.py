@@ -2,7 +2,8 @@
 
 Most rows of a table have the same skeleton in pgoutput: the same column count, the same kind
 per column, the same value lengths (fixed-size binary types always do). For such a skeleton
-the wire ``Change.new`` entries are constant bytes with the values in between, so a row can be
+the wire ``Change.new`` entries are constant bytes with the values in between (a field's key
+flag, after its value, is part of the constant bytes that follow it), so a row can be
 encoded with one ``struct`` unpack that reads every kind, length and value, one comparison that
 checks the skeleton, and one join. ``RowLayout.encode`` returns None for a row of another
 shape; the caller then takes the general path, so the result never depends on the layout
@@ -28,21 +29,23 @@ class RowLayout:
         self,
         skeleton: list[tuple[int, int]],
         prefixes: tuple[bytes, ...],
+        suffixes: tuple[bytes, ...],
         head: bytes,
         entry_tag: bytes,
     ) -> None:
-        """``skeleton``: per column (kind byte, value length); length -1 for NULL."""
+        """``skeleton``: per column (kind byte, value length); length -1 for NULL. ``prefixes``
+        and ``suffixes``: per column, the bytes of its ``Field`` before and after the value."""
         codes = [">H"]
         checks, values, expected = [0], [], [len(skeleton)]
         pieces: list[bytes] = []  # constant bytes before each value, and after the last one
         pending = b""
         at = 1
-        for (kind, length), prefix in zip(skeleton, prefixes, strict=True):
+        for (kind, length), prefix, suffix in zip(skeleton, prefixes, suffixes, strict=True):
             if length < 0:
                 codes.append("B")
                 checks.append(at)
                 expected.append(kind)
-                pending += wire.entry(entry_tag, prefix)
+                pending += wire.entry(entry_tag, prefix + suffix)
                 at += 1
                 continue
             codes.append(f"Bi{length}s")
@@ -50,9 +53,9 @@ class RowLayout:
             expected += (kind, length)
             values.append(at + 2)
             value_head = wire.value_head(kind, length)
-            field_len = len(prefix) + len(value_head) + length
+            field_len = len(prefix) + len(value_head) + length + len(suffix)
             pieces.append(pending + entry_tag + wire.varint(field_len) + prefix + value_head)
-            pending = b""
+            pending = suffix  # after the value
             at += 3
         struct = Struct("".join(codes))
         self.size = struct.size

@@ -2,13 +2,15 @@
 
 A wire ``Message{change}`` written by capture (``pgcapture.wire``) is laid out as: the change's
 head (op, schema, table), then one length-delimited ``Field`` per column of the new image and
-then of the old image, each with its name, type OID and value. For one table and row shape
+then of the old image, each with its name, type OID, value and, for a column of the replica
+identity, the key flag (``Field.key``, after the value). For one table and row shape
 everything but the values and their lengths is the same from row to row. ``scan_change``
 walks the bytes once and returns:
 
 * ``head``: the head's bytes (which table, which operation);
-* ``shape``: the bytes of every field without its value, with a NULL written as if it were a
-  binary value (a NULL and a value of the same column fit the same statement);
+* ``shape``: the bytes of every field without its value (key flag included), with a NULL
+  written as if it were a binary value (a NULL and a value of the same column fit the same
+  statement);
 * the new and old images' values (binary send format, text as UTF-8, or None for NULL).
 
 ``(head, shape, len(new))`` identifies a prepared plan; rows with a known key skip building any
@@ -27,6 +29,8 @@ _CHANGE = 0x1A  # Message.change = 3
 _NEW, _OLD = 0x22, 0x2A  # Change.new = 4, Change.old = 5
 _NAME, _OID = 0x0A, 0x10  # Field.name = 1, Field.oid = 2
 _BINARY, _TEXT = 0x1A, 0x22  # Field.binary = 3, Field.text = 4
+_KEY_TAG = 0x28  # Field.key = 5, varint
+_KEY = b"\x28\x01"  # Field.key = true, after the value (false, the default, is not written)
 _AS_BINARY = b"\x1a"
 
 
@@ -37,13 +41,15 @@ class Row(NamedTuple):
     old: list[bytes | None]
     parts: tuple[bytes, ...]  # the shape, field by field
     spans: tuple[tuple[int, int] | None, ...]  # where each value is in the message (None: NULL)
+    keys: tuple[bool, ...]  # whether each field ends with the key flag (its part too)
 
 
 class Layout(NamedTuple):
     """A row shape seen before, to read the next rows of that table by (``read_values``)."""
 
-    parts: tuple[bytes, ...]
-    nulls: tuple[bytes, ...]  # each part as a NULL field: without the value tag
+    parts: tuple[bytes, ...]  # each field up to its value: name, oid and value tag
+    ends: tuple[bytes, ...]  # what follows each value: the key flag or nothing
+    nulls: tuple[bytes, ...]  # each field as a NULL: name, oid and key flag, no value tag
     tags: tuple[int, ...]  # the entry tag of each field (new or old image)
     new: int  # how many fields belong to the new image
 
@@ -51,7 +57,11 @@ class Layout(NamedTuple):
     def of(cls, row: Row) -> Layout:
         count = len(row.new)
         tags = tuple(_NEW if i < count else _OLD for i in range(len(row.parts)))
-        return cls(row.parts, tuple(p[:-1] for p in row.parts), tags, count)
+        keys = zip(row.parts, row.keys, strict=True)
+        heads = tuple(p[: -len(_KEY)] if k else p for p, k in keys)
+        ends = tuple(_KEY if k else b"" for k in row.keys)
+        nulls = tuple(h[:-1] + e for h, e in zip(heads, ends, strict=True))
+        return cls(heads, ends, nulls, tags, count)
 
 
 def _varint(data: bytes, pos: int) -> tuple[int, int]:
@@ -108,6 +118,7 @@ def _scan(msg: bytes) -> Row | None:
     head = msg[pos:p]
     parts: list[bytes] = []
     spans: list[tuple[int, int] | None] = []
+    keys: list[bool] = []
     new: list[bytes | None] = []
     old: list[bytes | None] = []
     values = new
@@ -133,28 +144,34 @@ def _scan(msg: bytes) -> Row | None:
             while msg[v] & 0x80:
                 v += 1
             v += 1
-        if v == field_end:  # unset value: NULL
-            parts.append(msg[q:v] + _AS_BINARY)
+        if v == field_end or msg[v] == _KEY_TAG:  # unset value: NULL
+            key = v != field_end
+            if key and (v + 2 != field_end or not msg.startswith(_KEY, v)):
+                return None
+            parts.append(msg[q:v] + _AS_BINARY + msg[v:field_end])
             values.append(None)
             spans.append(None)
         else:
             kind = msg[v]
             if kind != _BINARY and kind != _TEXT:
                 return None
-            parts.append(msg[q : v + 1])
             size = msg[v + 1]
             if size & 0x80:
                 size, start = _varint(msg, v + 1)
             else:
                 start = v + 2
-            if start + size != field_end:
+            stop = start + size
+            key = stop != field_end
+            if key and (stop + 2 != field_end or not msg.startswith(_KEY, stop)):
                 return None
-            values.append(msg[start:field_end])
-            spans.append((start, field_end))
+            parts.append(msg[q : v + 1] + msg[stop:field_end])
+            values.append(msg[start:stop])
+            spans.append((start, stop))
+        keys.append(key)
         p = field_end
     if p != end:
         return None
-    return Row(head, b"".join(parts), new, old, tuple(parts), tuple(spans))
+    return Row(head, b"".join(parts), new, old, tuple(parts), tuple(spans), tuple(keys))
 
 
 def read_head(msg: bytes) -> tuple[bytes, int] | None:
@@ -174,7 +191,9 @@ def read_values(
     values: list[bytes | None] = []
     end = len(msg)
     try:
-        for part, null, tag in zip(layout.parts, layout.nulls, layout.tags, strict=True):
+        for part, after, null, tag in zip(
+            layout.parts, layout.ends, layout.nulls, layout.tags, strict=True
+        ):
             if msg[pos] != tag:
                 return None
             length = msg[pos + 1]
@@ -183,10 +202,18 @@ def read_values(
             else:
                 q = pos + 2
             pos = q + length
-            if msg.startswith(part, q):
+            if msg.startswith(part, q, pos):
                 v = q + len(part)
-                start = _varint(msg, v)[1] if msg[v] & 0x80 else v + 1
-                values.append(msg[start:pos])
+                size = msg[v]
+                if size & 0x80:
+                    size, start = _varint(msg, v)
+                else:
+                    start = v + 1
+                stop = start + size
+                # the value must end where this field's end (key flag or nothing) begins
+                if stop + len(after) != pos or not msg.startswith(after, stop):
+                    return None
+                values.append(msg[start:stop])
             elif pos == q + len(null) and msg.startswith(null, q):
                 values.append(None)
             else:
