@@ -417,8 +417,8 @@ class Hub:
                 message,
                 commit_time=times.get(lsn, 0),
             )
-            if not any(s.wants(item) for s in self.sessions):
-                continue
+            if self.sessions and not any(s.wants(item) for s in self.sessions):
+                continue  # a table no attached client asked for (none attached: keep it)
             if self.ordered and head.kind == CHANGE:
                 item.keys = change_keys(message, head.body)
             items.append(item)
