@@ -6,7 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -179,3 +183,25 @@ async def wait_until(check: Callable[[], bool], seconds: float = 30, what: str =
     async with asyncio.timeout(seconds):
         while not check():
             await asyncio.sleep(0.05)
+
+
+def gateway_file(path: Path, nats_url: str, source: str, dsn: str, port: int, **uri: Any) -> Path:
+    """A configuration file for ``pgcapture gateway`` with URI ``app`` on ``source``."""
+    settings = "".join(f"{k} = {v!r}\n".replace("'", '"') for k, v in uri.items())
+    path.write_text(
+        f'[nats]\nurl = "{nats_url}"\n[sources.{source}]\ndsn = {dsn!r}\n'
+        f'[gateway]\nlisten = "127.0.0.1:{port}"\n'
+        "[gateway.tls]\ndisabled = true\n[gateway.auth]\ndisabled = true\n"
+        f'[gateway.uris.app]\nsource = "{source}"\n{settings}'
+    )
+    return path
+
+
+def gateway_process(config_file: Path) -> subprocess.Popen[bytes]:
+    """``pgcapture gateway`` as its own process (stop it with SIGTERM or SIGKILL)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "pgcapture", "gateway", "--config", str(config_file)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "PGCAPTURE_LOG__LEVEL": "warning"},
+    )

@@ -8,10 +8,7 @@ import asyncio
 import contextlib
 import enum
 import math
-import os
 import signal
-import subprocess
-import sys
 from datetime import UTC, date, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -19,7 +16,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from gateway_helpers import captured, gateway_config, running_gateway
+from gateway_helpers import captured, gateway_config, gateway_file, gateway_process, running_gateway
 from log_helpers import run_sql
 from psycopg import DataError
 from psycopg.types.composite import CompositeInfo, register_composite
@@ -153,20 +150,9 @@ async def test_consumer_reconnects_through_gateway_kills(
     await run_sql(dsn, "CREATE TABLE t (id int PRIMARY KEY)")
     config = gateway_config(dsn, nats.url, "lib", app={"start": "beginning"})
     port = free_port()
-    config_file = tmp_path / "pgcapture.toml"
-    config_file.write_text(
-        f'[nats]\nurl = "{nats.url}"\n[sources.lib]\ndsn = {dsn!r}\n'
-        f'[gateway]\nlisten = "127.0.0.1:{port}"\n'
-        "[gateway.tls]\ndisabled = true\n[gateway.auth]\ndisabled = true\n"
-        '[gateway.uris.app]\nsource = "lib"\nstart = "beginning"\nack_wait = 3\n'
+    config_file = gateway_file(
+        tmp_path / "pgcapture.toml", nats.url, "lib", dsn, port, start="beginning", ack_wait=3
     )
-
-    def start() -> subprocess.Popen[bytes]:
-        return subprocess.Popen(
-            [sys.executable, "-m", "pgcapture", "gateway", "--config", str(config_file)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            env={**os.environ, "PGCAPTURE_LOG__LEVEL": "warning"},
-        )  # fmt: skip
 
     seen: list[int] = []
     consumer = Consumer(f"127.0.0.1:{port}", "app", table_regex="^t$")
@@ -177,7 +163,7 @@ async def test_consumer_reconnects_through_gateway_kills(
         seen.append(change.new["id"])
 
     async with captured(config, "lib"):
-        gateway = start()
+        gateway = gateway_process(config_file)
         task = asyncio.create_task(consumer.run())
         try:
             for round_ in range(3):
@@ -192,7 +178,7 @@ async def test_consumer_reconnects_through_gateway_kills(
                         await asyncio.sleep(0.02)
                 gateway.send_signal(signal.SIGKILL)
                 gateway.wait(10)
-                gateway = start()
+                gateway = gateway_process(config_file)
             async with asyncio.timeout(60):
                 while len(set(seen)) < 3000:
                     await asyncio.sleep(0.05)

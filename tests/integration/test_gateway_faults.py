@@ -5,11 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import random
 import signal
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -17,7 +14,7 @@ from typing import Any
 import grpc
 import nats as natslib
 import pytest
-from gateway_helpers import captured, gateway_config
+from gateway_helpers import captured, gateway_config, gateway_file, gateway_process
 from google.protobuf.struct_pb2 import Struct
 from log_helpers import run_sql
 
@@ -63,34 +60,20 @@ class Reconnecting:
                 await call.write(pb.CaptureRequest(ack_range=rng))
 
 
-def _start(config_file: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "pgcapture", "gateway", "--config", str(config_file)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env={**os.environ, "PGCAPTURE_LOG__LEVEL": "warning"},
-    )
-
-
 async def test_gateway_sigkill_loses_nothing_and_redelivers_only_unacked(
     dsn: str, nats: LocalNats, tmp_path: Path
 ) -> None:
     await run_sql(dsn, "CREATE TABLE t (id int PRIMARY KEY, v int)")
     config = gateway_config(dsn, nats.url, "kill", app={"start": "beginning", "ack_wait": 5})
     port = free_port()
-    config_file = tmp_path / "pgcapture.toml"
-    config_file.write_text(
-        f'[nats]\nurl = "{nats.url}"\n'
-        f"[sources.kill]\ndsn = {dsn!r}\n"
-        f'[gateway]\nlisten = "127.0.0.1:{port}"\n'
-        "[gateway.tls]\ndisabled = true\n[gateway.auth]\ndisabled = true\n"
-        '[gateway.uris.app]\nsource = "kill"\nstart = "beginning"\nack_wait = 5\n'
+    config_file = gateway_file(
+        tmp_path / "pgcapture.toml", nats.url, "kill", dsn, port, start="beginning", ack_wait=5
     )
     rng = random.Random(11)
     kills: list[tuple[int, int]] = []  # (ack floor, messages pending) right after each kill
     consumer = Reconnecting(f"127.0.0.1:{port}")
     async with captured(config, "kill"):
-        gateway = _start(config_file)
+        gateway = gateway_process(config_file)
         task = asyncio.create_task(consumer.run())
         try:
             for round_ in range(4):
@@ -112,7 +95,7 @@ async def test_gateway_sigkill_loses_nothing_and_redelivers_only_unacked(
                     consumer.epoch += 1
                     info = await _consumer(nats.url)
                     kills.append((info.ack_floor.stream_seq, info.num_ack_pending))
-                    gateway = _start(config_file)
+                    gateway = gateway_process(config_file)
             expected = await _changes(nats.url)
             async with asyncio.timeout(60):
                 while not set(expected) <= {(lsn, seq) for lsn, seq, _ in consumer.handled}:
