@@ -305,3 +305,21 @@ async def test_start_positions_of_new_uris(dsn: str, nats: LocalNats) -> None:
         for uri, c in clients.items()
     }
     assert got == {"all": [1, 2, 3, 4, 5], "new": [5], "lsn": [4, 5], "time": [3, 4, 5]}
+
+
+async def test_a_small_window_keeps_reading_the_stream(dsn: str, nats: LocalNats) -> None:
+    """The hub fetches again whenever acknowledgements make room, also after its backlog ran
+    dry with every client full (a window far smaller than a fetch)."""
+    await run_sql(dsn, "CREATE TABLE t (id int PRIMARY KEY)")
+    config = gateway_config(dsn, nats.url, "window", app={"start": "beginning", "max_unacked": 7})
+    async with captured(config, "window"), running_gateway(config) as address:
+        await run_sql(
+            dsn, *(f"INSERT INTO t SELECT g FROM generate_series({i}, {i + 99}) g"
+                   for i in range(0, 3000, 100)),
+        )  # fmt: skip
+        client = BatchedClient(address, "app")
+        async with consuming(client):
+            await wait_until(lambda: len(client.handled) >= 3000, 60)
+    assert sorted(int_of(row_values(m.change.new)["id"]) for m, _ in client.handled) == list(
+        range(3000)
+    )

@@ -443,8 +443,13 @@ class Hub:
         retry = self.retry
         while retry and retry[0].due <= now and self._send(retry[0]):
             heapq.heappop(retry)
-        if not self.backlog or not self.sessions:
-            return
+        if self.backlog and self.sessions:
+            self._hand_out()
+        self._count_in_flight()
+        if self._wants_more():
+            self._more.set()
+
+    def _hand_out(self) -> None:
         blocked: set[Key] = set()  # keys of items kept back in this pass
         held: set[tuple[str, str]] = set()  # tables with an item kept back in this pass
         truncates: set[tuple[str, str]] = set()  # tables with a truncate kept back
@@ -472,9 +477,6 @@ class Hub:
                     break
         kept.extend(backlog)
         self.backlog = kept
-        self._count_in_flight()
-        if self._wants_more():
-            self._more.set()
 
     def _must_wait(
         self,
