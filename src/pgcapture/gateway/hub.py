@@ -57,6 +57,7 @@ from pgcapture.gateway.records import (
     capture_message,
     change_keys,
     commit_time,
+    lsn_field,
     read_head,
 )
 from pgcapture.gateway.resolver import Route
@@ -131,12 +132,19 @@ class Session:
         self.error: PgCaptureError | None = None
         self.closed = False  # the client closed its side: no more acknowledgements
         self.next_id = 1
+        self._wanted: dict[tuple[int, tuple[tuple[str, str], ...]], bool] = {}
 
     def wants(self, item: Item) -> bool:
-        if item.kind != CHANGE and not self.batched:
-            return False  # the compatible Capture method carries changes only
-        regex = self.regex
-        return regex is None or any(regex.search(table) for _, table in item.tables)
+        what = (item.kind, item.tables)
+        wanted = self._wanted.get(what)
+        if wanted is None:
+            regex = self.regex
+            if item.kind != CHANGE and not self.batched:
+                wanted = False  # the compatible Capture method carries changes only
+            else:
+                wanted = regex is None or any(regex.search(table) for _, table in item.tables)
+            self._wanted[what] = wanted
+        return wanted
 
     def room(self) -> int:
         return self.window - len(self.unacked) - len(self.outbox)
@@ -373,8 +381,9 @@ class Hub:
             if not self._wants_more():
                 self._more.clear()
                 continue
+            room = sum(max(s.room(), 0) for s in self.sessions) - len(self.backlog)
             try:
-                msgs = await sub.fetch(_FETCH, timeout=1.0)
+                msgs = await sub.fetch(max(1, min(_FETCH, room // 500)), timeout=1.0)
             except (TimeoutError, nats.errors.TimeoutError):
                 continue
             for msg in msgs:
@@ -397,6 +406,7 @@ class Hub:
         items: list[Item] = []
         times = self._times
         decoded = decode_batch(msg.data)
+        last_lsn, lsn_part = -1, b""
         for record in decoded:
             lsn, rseq, message = record.lsn, record.seq, record.message
             kind = message[0] if message else 0
@@ -407,11 +417,13 @@ class Hub:
             if rseq in skip or lsn < self.start_lsn:
                 continue
             head = read_head(message)
+            if lsn != last_lsn:
+                last_lsn, lsn_part = lsn, lsn_field(lsn)
             item = Item(
                 lsn,
                 rseq,
                 head.kind,
-                capture_message(lsn, rseq, message, head),
+                capture_message(lsn_part, rseq, message, head),
                 head.tables,
                 batch,
                 message,
@@ -450,21 +462,17 @@ class Hub:
             self._more.set()
 
     def _hand_out(self) -> None:
+        if not self.ordered:
+            self._hand_out_unordered()
+            return
         blocked: set[Key] = set()  # keys of items kept back in this pass
         held: set[tuple[str, str]] = set()  # tables with an item kept back in this pass
         truncates: set[tuple[str, str]] = set()  # tables with a truncate kept back
-        kept: deque[Item] = deque()
+        kept: list[Item] = []
         backlog = self.backlog
         while backlog:
             item = backlog.popleft()
-            if self.ordered and self._must_wait(item, blocked, held, truncates):
-                kept.append(item)
-                blocked.update(item.keys)
-                held.update(item.tables)
-                if item.kind != CHANGE:
-                    truncates.update(item.tables)
-                continue
-            if not self._send(item):
+            if self._must_wait(item, blocked, held, truncates) or not self._send(item):
                 if not any(s.wants(item) for s in self.sessions):
                     self._settle(item)  # nobody attached wants it any more
                     continue
@@ -475,8 +483,39 @@ class Hub:
                     truncates.update(item.tables)
                 if not any(s.room() > 0 for s in self.sessions):
                     break
-        kept.extend(backlog)
-        self.backlog = kept
+        backlog.extendleft(reversed(kept))
+
+    def _hand_out_unordered(self) -> None:
+        """Runs of the backlog to the client with the most room; an item it does not want
+        goes to another client with room, or waits for one."""
+        backlog = self.backlog
+        sessions = [s for s in self.sessions if s.error is None]
+        kept: list[Item] = []
+        sent = 0
+        while backlog and sessions:
+            best = max(sessions, key=Session.room)
+            room = best.room()
+            if room <= 0:
+                break
+            outbox, wants = best.outbox, best.wants
+            n = 0
+            while backlog and n < room:
+                item = backlog.popleft()
+                if wants(item):
+                    outbox.append(item)
+                    item.attempts += 1
+                    n += 1
+                elif self._send(item):
+                    sent += 1
+                elif any(s.wants(item) for s in sessions):
+                    kept.append(item)
+                else:
+                    self._settle(item)  # nobody attached wants it any more
+            if n:
+                best.wake.set()
+                sent += n
+        backlog.extendleft(reversed(kept))
+        self._delivered.inc(sent)
 
     def _must_wait(
         self,
@@ -512,7 +551,8 @@ class Hub:
         item.attempts += 1
         best.outbox.append(item)
         best.wake.set()
-        self._delivered.inc()
+        if self.ordered:
+            self._delivered.inc()
         return True
 
     def register(self, session: Session, items: list[Item]) -> int:

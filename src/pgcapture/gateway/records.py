@@ -15,6 +15,9 @@ from typing import Final, NamedTuple
 from pgcapture.proto import pb
 from pgcapture.wire import varint
 
+_VARINTS: Final = tuple(varint(i) for i in range(1 << 14))  # one- and two-byte varints
+_TABLES: dict[bytes, tuple[tuple[str, str], ...]] = {}  # a change's head bytes -> its table
+
 BEGIN: Final = 0x0A  # Message.begin = 1
 COMMIT: Final = 0x12  # Message.commit = 2
 CHANGE: Final = 0x1A  # Message.change = 3
@@ -55,11 +58,22 @@ def read_head(message: bytes) -> Head:
     _, body = _varint(message, 1)
     if kind == CHANGE:
         pos = body
-        if message[pos] == 0x08:  # op (absent for INSERT, proto3's default)
+        if pos < len(message) and message[pos] == 0x08:  # op (absent for INSERT: default)
             _, pos = _varint(message, pos + 1)
-        schema, pos = _string(message, pos, 0x12)
-        table, _ = _string(message, pos, 0x1A)
-        return Head(kind, body, ((schema, table),))
+        start = pos
+        for tag in (0x12, 0x1A):  # schema, table (absent when empty)
+            if pos < len(message) and message[pos] == tag:
+                length, pos = _varint(message, pos + 1)
+                pos += length
+        key = message[start:pos]
+        tables = _TABLES.get(key)
+        if tables is None:
+            schema, at = _string(message, start, 0x12)
+            table, _ = _string(message, at, 0x1A)
+            tables = ((schema, table),)
+            if len(_TABLES) < 100_000:
+                _TABLES[key] = tables
+        return Head(kind, body, tables)
     if kind == TRUNCATE:
         truncate = pb.Message.FromString(message).truncate
         return Head(kind, body, tuple((t.schema, t.table) for t in truncate.tables))
@@ -99,19 +113,22 @@ def _value(field: pb.Field) -> bytes | str | None:
     return None if kind is None else getattr(field, kind)
 
 
-def checkpoint_bytes(lsn: int, seq: int) -> bytes:
-    """A serialized ``Checkpoint`` without data."""
-    out = b""
-    if lsn:
-        out += b"\x08" + varint(lsn)
-    if seq:
-        out += b"\x10" + varint(seq)
-    return out
+def lsn_field(lsn: int) -> bytes:
+    return b"\x08" + varint(lsn) if lsn else b""
 
 
-def capture_message(lsn: int, seq: int, message: bytes, head: Head) -> bytes:
-    """The serialized ``CaptureMessage`` for a change or truncate record."""
-    checkpoint = checkpoint_bytes(lsn, seq)
+def seq_field(seq: int) -> bytes:
+    if not seq:
+        return b""
+    return b"\x10" + (_VARINTS[seq] if seq < 16384 else varint(seq))
+
+
+def capture_message(lsn_part: bytes, seq: int, message: bytes, head: Head) -> bytes:
+    """The serialized ``CaptureMessage`` for a change or truncate record; ``lsn_part`` is
+    ``lsn_field(lsn)`` (the same for every record of a transaction)."""
+    checkpoint = lsn_part + seq_field(seq)
+    size = len(message) - head.body
     body = memoryview(message)[head.body :]
     tag = b"\x12" if head.kind == CHANGE else b"\x1a"  # CaptureMessage.change / .truncate
-    return b"".join((b"\x0a", varint(len(checkpoint)), checkpoint, tag, varint(len(body)), body))
+    length = _VARINTS[size] if size < 16384 else varint(size)
+    return b"".join((b"\x0a", _VARINTS[len(checkpoint)], checkpoint, tag, length, body))
