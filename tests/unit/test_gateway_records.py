@@ -3,6 +3,8 @@ agrees with protobuf's decoding."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -100,3 +102,19 @@ def test_a_key_column_missing_from_new_takes_the_old_value() -> None:
 def test_rows_without_key_columns_are_keyed_by_their_table() -> None:
     change = pb.Change(schema="s", table="t", new=[_field("v", b"1", key=False)])
     assert _keys(change) == (("s", "t", ()),)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(changes(), min_size=1, max_size=5), st.integers(1, 2**40))
+def test_batches_equal_protobufs(batch: list[pb.Change], first_id: int) -> None:
+    from types import SimpleNamespace
+
+    from pgcapture.gateway.service import encode_batch
+
+    messages = [
+        pb.CaptureMessage(checkpoint=pb.Checkpoint(lsn=5, seq=i + 1), change=change)
+        for i, change in enumerate(batch)
+    ]
+    items: list[Any] = [SimpleNamespace(payload=m.SerializeToString()) for m in messages]
+    expected = pb.CaptureBatch(first_id=first_id, messages=messages).SerializeToString()
+    assert encode_batch(first_id, items) == expected

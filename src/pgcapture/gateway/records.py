@@ -34,7 +34,15 @@ class Head(NamedTuple):
     tables: tuple[tuple[str, str], ...]
 
 
+def varint_bytes(value: int) -> bytes:
+    """``wire.varint`` through a table for values below 2**14."""
+    return _VARINTS[value] if value < 16384 else varint(value)
+
+
 def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    byte = data[pos]
+    if byte < 0x80:
+        return byte, pos + 1
     value = shift = 0
     while True:
         byte = data[pos]
