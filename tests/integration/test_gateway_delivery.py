@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import random
 import time
 from collections import defaultdict
@@ -25,9 +26,11 @@ from gateway_helpers import (
     wait_until,
 )
 from google.protobuf.struct_pb2 import Struct
-from log_helpers import run_sql
+from log_helpers import http_get, run_sql
 
+from pgcapture.config import MetricsConfig
 from pgcapture.local import LocalNats
+from pgcapture.local.postgres import free_port
 from pgcapture.proto import pb, pb_grpc
 
 pytestmark = pytest.mark.integration
@@ -59,6 +62,10 @@ async def test_acks_reach_jetstream_and_filtered_tables_are_skipped(
 ) -> None:
     await run_sql(dsn, "CREATE TABLE t (id int PRIMARY KEY, v text)", "CREATE TABLE u (id int)")
     config = gateway_config(dsn, nats.url, "acks", app={"start": "beginning"})
+    metrics_port = free_port()
+    config = config.model_copy(
+        update={"metrics": MetricsConfig(listen=f"127.0.0.1:{metrics_port}")}
+    )
     got: list[dict[str, Any]] = []
     async with captured(config, "acks"), running_gateway(config) as address:
         await run_sql(
@@ -80,6 +87,20 @@ async def test_acks_reach_jetstream_and_filtered_tables_are_skipped(
                 while info.ack_floor.stream_seq < stream_last or info.num_ack_pending:
                     await asyncio.sleep(0.1)
                     info = await consumer_state(nats.url, "PGCAPTURE_ACKS", "pgcapture_app")
+            status, body = await http_get(metrics_port, "/metrics")
+            assert status == 200
+            text = body.decode()
+            for line in (
+                'pgcapture_gateway_delivered_total{uri="app"} 311.0',
+                'pgcapture_gateway_acked_total{uri="app"} 311.0',
+                'pgcapture_gateway_in_flight{uri="app"} 0.0',
+                'pgcapture_gateway_clients{uri="app"} 1.0',
+            ):
+                assert line in text, line
+            assert 'pgcapture_gateway_lag_seconds{uri="app"}' in text
+            status, body = await http_get(metrics_port, "/healthz")
+            assert status == 200
+            assert json.loads(body)["uris"]["app"]["clients"] == 1
     assert len(got) == 311
     assert {c["table"] for c in got} == {"t"}
     ops = [c["op"] for c in got]

@@ -70,7 +70,7 @@ def load_resolver(spec: str, config: Config) -> Resolver:
             f"--resolver {spec!r}: cannot load it ({exc}); check the module path"
         ) from None
     is_object = isinstance(target, Resolver) and not isinstance(target, type)
-    resolver = target if is_object else target(config)
+    resolver = target if is_object or not callable(target) else target(config)
     if not isinstance(resolver, Resolver):
         raise ConfigError(
             f"--resolver {spec!r}: {type(resolver).__name__} has no async resolve(uri) method"
