@@ -96,7 +96,9 @@ async def test_gateway_sigkill_loses_nothing_and_redelivers_only_unacked(
                     info = await _consumer(nats.url)
                     kills.append((info.ack_floor.stream_seq, info.num_ack_pending))
                     gateway = gateway_process(config_file)
-            expected = await _changes(nats.url)
+            async with asyncio.timeout(30):  # capture has stored every change of the workload
+                while len(expected := await _changes(nats.url)) < 4 * 10 * (100 + 21):
+                    await asyncio.sleep(0.2)
             async with asyncio.timeout(60):
                 while not set(expected) <= {(lsn, seq) for lsn, seq, _ in consumer.handled}:
                     await asyncio.sleep(0.1)
