@@ -12,7 +12,8 @@ import psycopg
 import pytest
 from nats.js import api
 
-from pgcapture.capture.retry import Backoff, _unwrap, is_transient
+from pgcapture.backoff import Backoff
+from pgcapture.capture.retry import _unwrap, is_transient
 from pgcapture.errors import ConfigError, ConnectionLost, SlotInUse, SourceError
 from pgcapture.log.lease import describe_owner, new_owner_id
 from pgcapture.log.stream import StreamSettings, stream_conflicts
@@ -81,12 +82,12 @@ def test_a_permanent_error_explains_a_failed_task_group() -> None:
     assert isinstance(_unwrap(BaseExceptionGroup("x", [asyncio.CancelledError()])), BaseException)
 
 
-def test_backoff_grows_to_its_maximum_and_resets_on_progress() -> None:
+def test_backoff_grows_to_its_maximum_and_starts_again_at_attempt_zero() -> None:
     backoff = Backoff(initial=0.2, maximum=1.0)
-    delays = [backoff.next(progressed=False) for _ in range(6)]
-    assert 0.15 <= delays[0] <= 0.25
-    assert 0.75 <= delays[-1] <= 1.25
-    assert backoff.next(progressed=True) <= 0.25
+    delays = [backoff.delay(attempt) for attempt in range(6)]
+    assert 0.1 <= delays[0] <= 0.2
+    assert 0.5 <= delays[-1] <= 1.0
+    assert backoff.delay(0) <= 0.2
 
 
 def test_owner_id_describes_the_process() -> None:

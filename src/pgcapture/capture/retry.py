@@ -13,14 +13,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import nats.errors
 import nats.js.errors
 import psycopg
 
+from pgcapture.backoff import Backoff
 from pgcapture.capture.pipeline import CaptureSession, WriterWrapper
 from pgcapture.config import NatsConfig, SourceConfig
 from pgcapture.errors import ConnectionLost, PgCaptureError, SlotInUse, SourceError
@@ -28,22 +27,6 @@ from pgcapture.log.lease import new_owner_id
 from pgcapture.ops.http import ServiceStatus
 
 log = logging.getLogger("pgcapture.capture")
-
-
-@dataclass
-class Backoff:
-    """Exponential backoff with jitter, reset by a session that made progress."""
-
-    initial: float = 0.2
-    maximum: float = 10.0
-    current: float = 0.0
-
-    def next(self, progressed: bool) -> float:
-        if progressed or not self.current:
-            self.current = self.initial
-        else:
-            self.current = min(self.maximum, self.current * 2)
-        return self.current * random.uniform(0.75, 1.25)
 
 
 async def run_capture(
@@ -57,7 +40,7 @@ async def run_capture(
     """Capture ``source`` until ``stop`` is set, reconnecting after transient failures."""
     status = status or ServiceStatus()
     owner = new_owner_id()
-    backoff = Backoff()
+    backoff, attempt = Backoff(maximum=10.0), 0
     while not stop.is_set():
         session = CaptureSession(source, nats_cfg, owner, wrap, status)
         status.sessions += 1
@@ -72,7 +55,8 @@ async def run_capture(
             status.set("retrying", exc)
             if on_error is not None:
                 on_error(exc)
-            delay = backoff.next(session.acked_batches > 0)
+            attempt = 0 if session.acked_batches > 0 else attempt + 1
+            delay = backoff.delay(attempt)
             log.warning(
                 "capture of %s interrupted: %s; reconnecting in %.1fs", source.name, exc, delay,
                 extra={"source": source.name, "error": type(exc).__name__},

@@ -24,6 +24,7 @@
 See docs/consumer.md for models, types, errors, acknowledgements and concurrency.
 """
 
+from pgcapture.backoff import Backoff
 from pgcapture.client.change import Change, Op, Row, TableName, Truncate
 from pgcapture.client.consumer import Consumer
 from pgcapture.client.errors import (
@@ -41,7 +42,6 @@ from pgcapture.client.errors import (
 from pgcapture.client.gateway import TlsConfig
 from pgcapture.client.jsonenc import to_dict, to_json
 from pgcapture.client.models import Column, table
-from pgcapture.client.retry import Backoff
 from pgcapture.client.routing import ConsumerStats
 from pgcapture.client.typeinfo import TypeResolver
 from pgcapture.client.values import UNCHANGED, RawValue, Unchanged, ValueDecoder, ValueFormat

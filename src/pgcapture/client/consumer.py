@@ -6,7 +6,7 @@ Two ways to consume, one engine (``session.Session``):
   runs until ``stop()`` or a permanent error, reconnecting after transient ones;
 - iteration: ``async with consumer: async for change in consumer: ...``.
 
-``run`` reconnects with exponential backoff (``retry.Backoff``) after UNAVAILABLE, a lost
+``run`` reconnects with exponential backoff (``pgcapture.backoff``) after UNAVAILABLE, a lost
 connection or a gateway restart; a stream that delivered something resets the backoff. A
 permanent refusal (unknown URI, bad regex or parameter, token) ends ``run`` with a
 ``GatewayRefused`` whose message names the fix.
@@ -23,6 +23,7 @@ from typing import Any, TypeVar, get_args
 
 import psycopg
 
+from pgcapture.backoff import Backoff
 from pgcapture.client.build import EventBuilder
 from pgcapture.client.change import Change, Truncate
 from pgcapture.client.errors import ChangeDecodeError, GatewayUnavailable
@@ -36,7 +37,6 @@ from pgcapture.client.gateway import (
 )
 from pgcapture.client.iteration import Iterator, Sink
 from pgcapture.client.models import ModelSpec
-from pgcapture.client.retry import Backoff
 from pgcapture.client.routing import (
     ConsumerStats,
     DecodeErrorCallback,

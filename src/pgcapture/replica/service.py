@@ -27,7 +27,8 @@ import psycopg
 from nats.js import JetStreamContext
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from pgcapture.capture.retry import Backoff, is_transient
+from pgcapture.backoff import Backoff
+from pgcapture.capture.retry import is_transient
 from pgcapture.config import Config, SourceConfig
 from pgcapture.errors import ConfigError, ConnectionLost, PermissionDenied
 from pgcapture.log.client import connect_nats
@@ -130,7 +131,7 @@ async def replicate(
     settings = settings or ApplySettings()
     metrics = metrics or ReplicaMetrics(source.name)
     status = status or ServiceStatus()
-    backoff = Backoff()
+    backoff, attempt = Backoff(maximum=10.0), 0
     while not stop.is_set():
         session = _Session(config, source, replica_dsn, settings, metrics, status)
         status.sessions += 1
@@ -143,7 +144,8 @@ async def replicate(
                 raise
             status.set("retrying", exc)
             metrics.errors.labels(source.name, type(exc).__name__).inc()
-            delay = backoff.next(session.progressed)
+            attempt = 0 if session.progressed else attempt + 1
+            delay = backoff.delay(attempt)
             log.warning(
                 "replication of %s interrupted: %s; resuming in %.1fs", source.name,
                 str(exc) or repr(exc), delay,

@@ -1,8 +1,9 @@
 """Reconnect delays: exponential backoff with jitter, capped.
 
 The n-th consecutive failed attempt waits ``min(maximum, initial * multiplier**n)``, scaled
-by a random factor in ``[1 - jitter, 1]`` so that consumers cut off together by a gateway
-restart do not come back in step. A stream that delivered something resets the count.
+by a random factor in ``[1 - jitter, 1]`` so that processes cut off together (consumers by a
+gateway restart, capture and replicate by a server restart) do not come back in step. The
+caller counts the attempts and starts again at 0 after a session that made progress.
 """
 
 from __future__ import annotations
