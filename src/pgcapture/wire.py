@@ -11,19 +11,39 @@ from __future__ import annotations
 
 from typing import Final
 
-_ONE_BYTE: Final = tuple(bytes([i]) for i in range(128))
+SMALL: Final = 1 << 14  # values below this have one- or two-byte varints, kept in VARINTS
 
 
-def varint(value: int) -> bytes:
-    """Base-128 varint of a non-negative int (``uint32``/``uint64``/lengths)."""
-    if value < 128:
-        return _ONE_BYTE[value]
+def _encode(value: int) -> bytes:
     out = bytearray()
     while value >= 128:
         out.append((value & 0x7F) | 0x80)
         value >>= 7
     out.append(value)
     return bytes(out)
+
+
+VARINTS: Final = tuple(_encode(i) for i in range(SMALL))
+
+
+def varint(value: int) -> bytes:
+    """Base-128 varint of a non-negative int (``uint32``/``uint64``/lengths)."""
+    return VARINTS[value] if value < SMALL else _encode(value)
+
+
+def read_varint(data: bytes, pos: int) -> tuple[int, int]:
+    """The varint at ``data[pos]`` and the position after it (IndexError when truncated)."""
+    byte = data[pos]
+    if byte < 0x80:
+        return byte, pos + 1
+    value = shift = 0
+    while True:
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
 
 
 def field_head(number: int, length: int) -> bytes:

@@ -13,9 +13,8 @@ from __future__ import annotations
 from typing import Final, NamedTuple
 
 from pgcapture.proto import pb
-from pgcapture.wire import varint
+from pgcapture.wire import read_varint, varint
 
-_VARINTS: Final = tuple(varint(i) for i in range(1 << 14))  # one- and two-byte varints
 _TABLES: dict[bytes, tuple[tuple[str, str], ...]] = {}  # a change's head bytes -> its table
 
 BEGIN: Final = 0x0A  # Message.begin = 1
@@ -34,44 +33,25 @@ class Head(NamedTuple):
     tables: tuple[tuple[str, str], ...]
 
 
-def varint_bytes(value: int) -> bytes:
-    """``wire.varint`` through a table for values below 2**14."""
-    return _VARINTS[value] if value < 16384 else varint(value)
-
-
-def _varint(data: bytes, pos: int) -> tuple[int, int]:
-    byte = data[pos]
-    if byte < 0x80:
-        return byte, pos + 1
-    value = shift = 0
-    while True:
-        byte = data[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return value, pos
-        shift += 7
-
-
 def _string(data: bytes, pos: int, tag: int) -> tuple[str, int]:
     if pos >= len(data) or data[pos] != tag:
         return "", pos  # proto3 omits an empty string
-    length, start = _varint(data, pos + 1)
+    length, start = read_varint(data, pos + 1)
     return data[start : start + length].decode(), start + length
 
 
 def read_head(message: bytes) -> Head:
     """The kind, body offset and table(s) of a stored ``Message``."""
     kind = message[0]
-    _, body = _varint(message, 1)
+    _, body = read_varint(message, 1)
     if kind == CHANGE:
         pos = body
         if pos < len(message) and message[pos] == 0x08:  # op (absent for INSERT: default)
-            _, pos = _varint(message, pos + 1)
+            _, pos = read_varint(message, pos + 1)
         start = pos
         for tag in (0x12, 0x1A):  # schema, table (absent when empty)
             if pos < len(message) and message[pos] == tag:
-                length, pos = _varint(message, pos + 1)
+                length, pos = read_varint(message, pos + 1)
                 pos += length
         key = message[start:pos]
         tables = _TABLES.get(key)
@@ -128,7 +108,7 @@ def lsn_field(lsn: int) -> bytes:
 def seq_field(seq: int) -> bytes:
     if not seq:
         return b""
-    return b"\x10" + (_VARINTS[seq] if seq < 16384 else varint(seq))
+    return b"\x10" + varint(seq)
 
 
 def capture_message(lsn_part: bytes, seq: int, message: bytes, head: Head) -> bytes:
@@ -138,5 +118,4 @@ def capture_message(lsn_part: bytes, seq: int, message: bytes, head: Head) -> by
     size = len(message) - head.body
     body = memoryview(message)[head.body :]
     tag = b"\x12" if head.kind == CHANGE else b"\x1a"  # CaptureMessage.change / .truncate
-    length = _VARINTS[size] if size < 16384 else varint(size)
-    return b"".join((b"\x0a", _VARINTS[len(checkpoint)], checkpoint, tag, length, body))
+    return b"".join((b"\x0a", varint(len(checkpoint)), checkpoint, tag, varint(size), body))

@@ -30,7 +30,6 @@ from pgcapture.config import GatewayConfig
 from pgcapture.gateway.errors import GatewayError
 from pgcapture.gateway.hub import Hub, Item, Session
 from pgcapture.gateway.metrics import GatewayMetrics
-from pgcapture.gateway.records import varint_bytes
 from pgcapture.gateway.resolver import Resolver, Route
 from pgcapture.gateway.security import Authorizer
 from pgcapture.proto import pb
@@ -298,5 +297,5 @@ def encode_batch(first_id: int, items: list[Item]) -> bytes:
     parts = [b"\x08", varint(first_id)]
     for item in items:
         payload = item.payload
-        parts += (b"\x12", varint_bytes(len(payload)), payload)
+        parts += (b"\x12", varint(len(payload)), payload)
     return b"".join(parts)

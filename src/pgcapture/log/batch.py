@@ -20,17 +20,15 @@ from typing import Final
 from pgcapture.capture.changes import Record
 from pgcapture.checkpoint import Checkpoint
 from pgcapture.proto import pb
-from pgcapture.wire import varint
+from pgcapture.wire import SMALL, VARINTS, varint
 
 _RECORD_TAG: Final = b"\x0a"  # LogBatch.records = 1, length-delimited
 _LSN_TAG: Final = b"\x08"  # LogRecord.lsn = 1, varint
 _SEQ_TAG: Final = b"\x10"  # LogRecord.seq = 2, varint
 _MESSAGE_TAG: Final = b"\x1a"  # LogRecord.message = 3, length-delimited
-_TABLE: Final = 1 << 14
-_VARINT: Final = tuple(varint(i) for i in range(_TABLE))  # one- and two-byte varints
 # LogRecord.seq (omitted when 0, protobuf's default) followed by the message tag
-_SEQ_MESSAGE: Final = (_MESSAGE_TAG, *(_SEQ_TAG + v + _MESSAGE_TAG for v in _VARINT[1:]))
-_TAGGED: Final = tuple(_RECORD_TAG + v for v in _VARINT)  # a records entry's tag and length
+_SEQ_MESSAGE: Final = (_MESSAGE_TAG, *(_SEQ_TAG + v + _MESSAGE_TAG for v in VARINTS[1:]))
+_TAGGED: Final = tuple(_RECORD_TAG + v for v in VARINTS)  # a records entry's tag and length
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,7 +53,7 @@ class Batch:
 
 def encode_record(lsn: int, seq: int, message: bytes) -> bytes:
     """One ``LogBatch.records`` entry: tag, length and the serialized ``LogRecord``."""
-    middle = _SEQ_MESSAGE[seq] if seq < _TABLE else _SEQ_TAG + varint(seq) + _MESSAGE_TAG
+    middle = _SEQ_MESSAGE[seq] if seq < SMALL else _SEQ_TAG + varint(seq) + _MESSAGE_TAG
     body = _LSN_TAG + varint(lsn) + middle + varint(len(message)) + message
     return _RECORD_TAG + varint(len(body)) + body
 
@@ -113,10 +111,10 @@ class Batcher:
                 head_lsn, head = lsn, _LSN_TAG + varint(lsn)
                 head_len = len(head)
             m = len(message)
-            middle = _SEQ_MESSAGE[seq] if seq < _TABLE else _SEQ_TAG + varint(seq) + _MESSAGE_TAG
-            mlen = _VARINT[m] if m < _TABLE else varint(m)
+            middle = _SEQ_MESSAGE[seq] if seq < SMALL else _SEQ_TAG + varint(seq) + _MESSAGE_TAG
+            mlen = VARINTS[m] if m < SMALL else varint(m)
             n = head_len + len(middle) + len(mlen) + m
-            tagged = _TAGGED[n] if n < _TABLE else _RECORD_TAG + varint(n)
+            tagged = _TAGGED[n] if n < SMALL else _RECORD_TAG + varint(n)
             if count and size + n + len(tagged) > max_bytes:
                 out.append(self._cut(count, size, previous))
                 extend, count, size = self._parts.extend, 0, 0

@@ -25,6 +25,8 @@ import operator
 import struct
 from typing import NamedTuple
 
+from pgcapture.wire import read_varint
+
 _CHANGE = 0x1A  # Message.change = 3
 _NEW, _OLD = 0x22, 0x2A  # Change.new = 4, Change.old = 5
 _NAME, _OID = 0x0A, 0x10  # Field.name = 1, Field.oid = 2
@@ -64,17 +66,6 @@ class Layout(NamedTuple):
         return cls(heads, ends, nulls, tags, count)
 
 
-def _varint(data: bytes, pos: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        byte = data[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return value, pos
-        shift += 7
-
-
 def scan_change(msg: bytes) -> Row | None:
     """The values of a wire ``Message{change}``, or None when it is not laid out as expected."""
     try:
@@ -91,7 +82,7 @@ def _head(msg: bytes) -> tuple[int, int, int] | None:
     size = msg[1]
     pos = 2
     if size & 0x80:
-        size, pos = _varint(msg, 1)
+        size, pos = read_varint(msg, 1)
     end = pos + size
     if end != len(msg):
         return None
@@ -103,7 +94,7 @@ def _head(msg: bytes) -> tuple[int, int, int] | None:
             return None
         length = msg[p + 1]
         if length & 0x80:
-            length, q = _varint(msg, p + 1)
+            length, q = read_varint(msg, p + 1)
             p = q + length
         else:
             p += 2 + length
@@ -126,7 +117,7 @@ def _scan(msg: bytes) -> Row | None:
         tag = msg[p]
         length = msg[p + 1]
         if length & 0x80:
-            length, q = _varint(msg, p + 1)
+            length, q = read_varint(msg, p + 1)
         else:
             q = p + 2
         field_end = q + length
@@ -157,7 +148,7 @@ def _scan(msg: bytes) -> Row | None:
                 return None
             size = msg[v + 1]
             if size & 0x80:
-                size, start = _varint(msg, v + 1)
+                size, start = read_varint(msg, v + 1)
             else:
                 start = v + 2
             stop = start + size
@@ -198,7 +189,7 @@ def read_values(
                 return None
             length = msg[pos + 1]
             if length & 0x80:
-                length, q = _varint(msg, pos + 1)
+                length, q = read_varint(msg, pos + 1)
             else:
                 q = pos + 2
             pos = q + length
@@ -206,7 +197,7 @@ def read_values(
                 v = q + len(part)
                 size = msg[v]
                 if size & 0x80:
-                    size, start = _varint(msg, v)
+                    size, start = read_varint(msg, v)
                 else:
                     start = v + 1
                 stop = start + size
