@@ -18,12 +18,14 @@ import re
 import tomllib
 import typing
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, Final, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
 from pgcapture.errors import ConfigError
+from pgcapture.lsn import LSN
 
 ENV_PREFIX: Final = "PGCAPTURE_"
 _DURATION_RE: Final = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
@@ -188,6 +190,32 @@ class UriConfig(_Section):
     ack_wait: PositiveDuration = 60.0
     max_ack_pending: int = Field(default=1000, ge=1)
     dump_replica: str = ""
+
+    @field_validator("start")
+    @classmethod
+    def _start_time_parses(cls, value: str) -> str:
+        if value.startswith("time:"):
+            try:
+                datetime.fromisoformat(value[5:])
+            except ValueError:
+                raise ValueError(
+                    f'{value[5:]!r} is not an ISO 8601 time; write e.g. "time:2026-11-21T09:30:00Z"'
+                ) from None
+        return value
+
+    @property
+    def start_lsn(self) -> LSN | None:
+        """``start = "lsn:X/Y"``: the first commit LSN a new URI delivers."""
+        return LSN.parse(self.start[4:]) if self.start.startswith("lsn:") else None
+
+    @property
+    def start_time(self) -> datetime | None:
+        """``start = "time:..."``: a new URI delivers what was stored from then on (UTC when
+        the time has no zone)."""
+        if not self.start.startswith("time:"):
+            return None
+        value = datetime.fromisoformat(self.start[5:])
+        return value if value.tzinfo else value.replace(tzinfo=UTC)
 
     @property
     def consumer_name(self) -> str:

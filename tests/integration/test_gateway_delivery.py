@@ -28,7 +28,7 @@ from gateway_helpers import (
 from google.protobuf.struct_pb2 import Struct
 from log_helpers import http_get, run_sql
 
-from pgcapture.config import MetricsConfig
+from pgcapture.config import MetricsConfig, validate_config
 from pgcapture.local import LocalNats
 from pgcapture.local.postgres import free_port
 from pgcapture.proto import pb, pb_grpc
@@ -232,6 +232,10 @@ def _init(uri: str, **params: Any) -> pb.CaptureRequest:
 async def test_refusals_have_precise_status_codes(dsn: str, nats: LocalNats) -> None:
     await run_sql(dsn, "CREATE TABLE t (id int PRIMARY KEY)")
     config = gateway_config(dsn, nats.url, "codes", app={"start": "beginning"})
+    data = config.model_dump(mode="json")
+    data["sources"]["not_captured"] = {"dsn": dsn}
+    data["gateway"]["uris"]["later"] = {"source": "not_captured"}
+    config = validate_config(data)
     async with captured(config, "codes"), running_gateway(config) as address:
         error = await _refusal(address, _init("nope"))
         assert error.code() == grpc.StatusCode.NOT_FOUND
@@ -257,6 +261,12 @@ async def test_refusals_have_precise_status_codes(dsn: str, nats: LocalNats) -> 
         error = await _refusal(address, _init("app", Unknown="ignored"), ack)
         assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert "did not deliver" in error.details()
+
+        error = await _refusal(address, _init("later"))
+        assert error.code() == grpc.StatusCode.UNAVAILABLE
+        assert "stream 'PGCAPTURE_NOT_CAPTURED' of URI 'later' does not exist yet" in (
+            error.details()
+        )
 
         bad_range = pb.CaptureRequest(ack_range=pb.CaptureAckRange(first_id=3, last_id=9))
         error = await _refusal(address, _init("app"), bad_range, batched=True)

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
-from pgcapture.config import Config, load_config, parse_duration, parse_size
+from pgcapture.config import (
+    Config,
+    UriConfig,
+    load_config,
+    parse_duration,
+    parse_size,
+    validate_config,
+)
 from pgcapture.errors import ConfigError
 
 EXAMPLE = """
@@ -402,3 +410,19 @@ def test_gateway_message_size_below_one_mebibyte_is_refused(tmp_path: Path) -> N
     text = GATEWAY.replace('listen = "0.0.0.0:10001"', 'max_message_bytes = "64KiB"')
     with pytest.raises(ConfigError, match=r"gateway\.max_message_bytes: .*1048576"):
         load_config(_write(tmp_path, text), env={})
+
+
+def test_uri_start_positions_are_checked_when_the_configuration_loads() -> None:
+    def uri(start: str) -> UriConfig:
+        data = {
+            "sources": {"app": {"dsn": "x"}},
+            "gateway": {"uris": {"u": {"source": "app", "start": start}}},
+        }
+        return validate_config(data).gateway.uris["u"]
+
+    assert uri("lsn:16/B374D848").start_lsn == 0x16B374D848
+    assert uri("time:2026-11-21T09:30:00").start_time == datetime(2026, 11, 21, 9, 30, tzinfo=UTC)
+    assert uri("new").start_lsn is None
+    assert uri("new").start_time is None
+    with pytest.raises(ConfigError, match=r"gateway\.uris\.u\.start: 'yesterday' is not an ISO"):
+        uri("time:yesterday")

@@ -36,7 +36,6 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any, Final
 
 import grpc
@@ -46,7 +45,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 
 from pgcapture.checkpoint import Checkpoint
-from pgcapture.errors import ConfigError, PgCaptureError, SourceError
+from pgcapture.errors import ConfigError, SourceError
 from pgcapture.gateway.errors import GatewayError
 from pgcapture.gateway.metrics import GatewayMetrics
 from pgcapture.gateway.records import (
@@ -56,21 +55,20 @@ from pgcapture.gateway.records import (
     Key,
     capture_message,
     change_keys,
-    commit_time,
     lsn_field,
     read_head,
 )
 from pgcapture.gateway.resolver import Route
 from pgcapture.log.batch import decode_batch, encode_record
-from pgcapture.log.follow import locate
+from pgcapture.log.follow import StreamGap, StreamMissing, locate
 from pgcapture.log.lease import Lease, new_owner_id
-from pgcapture.lsn import LSN
+from pgcapture.ops.metrics import commit_time
 
 log = logging.getLogger("pgcapture.gateway")
 
 START_LSN: Final = "pgcapture_start_lsn"  # consumer metadata: records below it are skipped
-_PG_EPOCH: Final = 946_684_800  # 2000-01-01 in Unix seconds
 _FETCH: Final = 16  # stream messages per fetch
+_STREAM_NOT_FOUND: Final = 10059  # JetStream API error code
 _LINGER: Final = 5.0  # seconds a hub stays after its last client left
 
 
@@ -100,7 +98,7 @@ class Item:
     tables: tuple[tuple[str, str], ...]
     batch: Batch
     message: bytes  # the stored Message, for the dead-letter stream
-    commit_time: int = 0
+    commit_time: float = 0.0  # Unix time of the source commit, when known
     keys: tuple[Key, ...] = ()
     attempts: int = 0  # deliveries by this hub
     locked: bool = False  # ordered: holds its keys and tables until settled
@@ -129,27 +127,31 @@ class Session:
         self.outbox: deque[Item] = deque()
         self.unacked: dict[Any, Item] = {}  # by delivery id (batched) or (lsn, seq)
         self.wake = asyncio.Event()
-        self.error: PgCaptureError | None = None
+        self.error: GatewayError | None = None
         self.closed = False  # the client closed its side: no more acknowledgements
         self.next_id = 1
         self._wanted: dict[tuple[int, tuple[tuple[str, str], ...]], bool] = {}
 
-    def wants(self, item: Item) -> bool:
-        what = (item.kind, item.tables)
+    def wants(self, kind: int, tables: tuple[tuple[str, str], ...]) -> bool:
+        """Whether this client asked for a record of ``kind`` on ``tables``."""
+        what = (kind, tables)
         wanted = self._wanted.get(what)
         if wanted is None:
             regex = self.regex
-            if item.kind != CHANGE and not self.batched:
+            if kind != CHANGE and not self.batched:
                 wanted = False  # the compatible Capture method carries changes only
             else:
-                wanted = regex is None or any(regex.search(table) for _, table in item.tables)
+                wanted = regex is None or any(regex.search(table) for _, table in tables)
             self._wanted[what] = wanted
         return wanted
+
+    def takes(self, item: Item) -> bool:
+        return self.wants(item.kind, item.tables)
 
     def room(self) -> int:
         return self.window - len(self.unacked) - len(self.outbox)
 
-    def fail(self, error: PgCaptureError) -> None:
+    def fail(self, error: GatewayError) -> None:
         self.error = error
         self.wake.set()
 
@@ -198,8 +200,8 @@ class Hub:
         self._truncating: Counter[tuple[str, str]] = Counter()  # ordered: truncates of it
         self.start_lsn = 0
         self.state = "starting"
-        self.last_acked_commit = 0
-        self._times: dict[int, int] = {}  # commit LSN -> commit time, recent transactions
+        self.last_acked_commit = 0.0
+        self._times: dict[int, float] = {}  # commit LSN -> commit time, recent transactions
         self._more = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []  # the hub's loops
         self._pending: set[asyncio.Task[None]] = set()  # acks, naks, dead letters
@@ -214,6 +216,7 @@ class Hub:
         self._in_flight = metrics.in_flight.labels(**metrics_labels)
         self._clients = metrics.clients.labels(**metrics_labels)
         self._lease: Lease | None = None
+        self._dead_letter_ready = False
 
     # -- life cycle ---------------------------------------------------------------------
 
@@ -295,7 +298,7 @@ class Hub:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            error = exc if isinstance(exc, PgCaptureError) else _unavailable(f"{exc!r}")
+            error = _as_status(exc)
             log.error("uri %s: %s", self.route.uri, error)
             self.state = "failed"
             for session in list(self.sessions):
@@ -328,7 +331,12 @@ class Hub:
         stream, name = self.route.stream, self.settings.consumer_name
         try:
             info = await self.js.consumer_info(stream, name)
-        except nats.js.errors.NotFoundError:
+        except nats.js.errors.NotFoundError as exc:
+            if exc.err_code == _STREAM_NOT_FOUND:
+                raise StreamMissing(
+                    f"stream {stream!r} of URI {self.route.uri!r} does not exist yet; it is "
+                    "created when `pgcapture capture` first runs for its source: retry then"
+                ) from None
             config = await self._new_consumer_config()
             await self.js.add_consumer(stream, config)
             log.info("uri %s: created consumer %s on %s", self.route.uri, name, stream)
@@ -365,14 +373,13 @@ class Hub:
             info = await self.js.stream_info(stream)
             config.deliver_policy = api.DeliverPolicy.BY_START_SEQUENCE
             config.opt_start_seq = info.state.last_seq + 1
-        elif start.startswith("lsn:"):
-            lsn = LSN.parse(start[4:])
+        elif (lsn := s.start_lsn) is not None:
             config.deliver_policy = api.DeliverPolicy.BY_START_SEQUENCE
             config.opt_start_seq = await locate(self.js, stream, max(lsn - 1, 0))
             config.metadata = {START_LSN: str(int(lsn))}
         else:
             config.deliver_policy = api.DeliverPolicy.BY_START_TIME
-            config.opt_start_time = _parse_time(start[5:], self.route.uri)
+            config.opt_start_time = s.start_time
         return config
 
     async def _fetch_loop(self, sub: Any) -> None:
@@ -404,7 +411,7 @@ class Hub:
         skip = self.done.pop(seq, set())
         batch.acked = skip  # still settled if this delivery is requeued again
         items: list[Item] = []
-        times = self._times
+        times, sessions = self._times, self.sessions
         decoded = decode_batch(msg.data)
         last_lsn, lsn_part = -1, b""
         for record in decoded:
@@ -417,6 +424,8 @@ class Hub:
             if rseq in skip or lsn < self.start_lsn:
                 continue
             head = read_head(message)
+            if sessions and not any(s.wants(head.kind, head.tables) for s in sessions):
+                continue  # a table no attached client asked for (none attached: keep it)
             if lsn != last_lsn:
                 last_lsn, lsn_part = lsn, lsn_field(lsn)
             item = Item(
@@ -427,10 +436,8 @@ class Hub:
                 head.tables,
                 batch,
                 message,
-                commit_time=times.get(lsn, 0),
+                commit_time=times.get(lsn, 0.0),
             )
-            if self.sessions and not any(s.wants(item) for s in self.sessions):
-                continue  # a table no attached client asked for (none attached: keep it)
             if self.ordered and head.kind == CHANGE:
                 item.keys = change_keys(message, head.body)
             items.append(item)
@@ -473,7 +480,7 @@ class Hub:
         while backlog:
             item = backlog.popleft()
             if self._must_wait(item, blocked, held, truncates) or not self._send(item):
-                if not any(s.wants(item) for s in self.sessions):
+                if not any(s.takes(item) for s in self.sessions):
                     self._settle(item)  # nobody attached wants it any more
                     continue
                 kept.append(item)
@@ -497,17 +504,17 @@ class Hub:
             room = best.room()
             if room <= 0:
                 break
-            outbox, wants = best.outbox, best.wants
+            outbox, takes = best.outbox, best.takes
             n = 0
             while backlog and n < room:
                 item = backlog.popleft()
-                if wants(item):
+                if takes(item):
                     outbox.append(item)
                     item.attempts += 1
                     n += 1
                 elif self._send(item):
                     sent += 1
-                elif any(s.wants(item) for s in sessions):
+                elif any(s.takes(item) for s in sessions):
                     kept.append(item)
                 else:
                     self._settle(item)  # nobody attached wants it any more
@@ -536,7 +543,7 @@ class Hub:
         best_room = 0
         for session in self.sessions:
             room = session.room()
-            if room > best_room and session.error is None and session.wants(item):
+            if room > best_room and session.error is None and session.takes(item):
                 best, best_room = session, room
         if best is None:
             return False
@@ -582,9 +589,7 @@ class Hub:
             newest = max(item.commit_time for item in items)
             if newest > self.last_acked_commit:
                 self.last_acked_commit = newest
-                self.metrics.lag_seconds.labels(**self._labels).set(
-                    max(0.0, time.time() - _PG_EPOCH - newest / 1e6)
-                )
+                self.metrics.lag_seconds.labels(**self._labels).set(max(0.0, time.time() - newest))
         self._dispatch()
 
     def _requeue(self, item: Item, reason: str) -> None:
@@ -596,42 +601,42 @@ class Hub:
         if attempts >= s.max_deliveries:
             self._later(self._dead_letter(item, attempts))
             return
-        delay = min(s.requeue_delay * 2 ** max(attempts - 1, 0), s.requeue_max_delay)
         if self.ordered:
+            delay = self._delay(attempts)
             item.due = time.monotonic() + delay
             heapq.heappush(self.retry, item)
             asyncio.get_running_loop().call_later(delay, self._dispatch)
             return
-        self._unlock(item)
-        batch = item.batch
-        batch.requeued.append(item)
-        batch.pending -= 1
-        if batch.pending == 0:
-            self._nak(batch, delay)
+        item.batch.requeued.append(item)
+        self._release(item.batch)
 
-    def _nak(self, batch: Batch, delay: float) -> None:
+    def _delay(self, attempts: int) -> float:
+        """The requeue delay after delivery number ``attempts``: doubled per delivery."""
+        s = self.settings
+        delay: float = s.requeue_delay * 2.0 ** max(attempts - 1, 0)
+        return min(delay, s.requeue_max_delay)
+
+    def _settle(self, item: Item) -> None:
+        self._unlock(item)
+        item.batch.acked.add(item.seq)
+        self._release(item.batch)
+
+    def _release(self, batch: Batch) -> None:
+        """One more item of ``batch`` is settled or requeued; when none is left, the message
+        is acknowledged, or naked with the delay if some of it was requeued (unordered)."""
+        batch.pending -= 1
+        if batch.pending:
+            return
+        if not batch.requeued:
+            self._settle_batch(batch)
+            return
         requeued = {i.seq for i in batch.requeued}
         self.done[batch.seq] = batch.acked - requeued
         batch.settled = True
         self.held.pop(batch.seq, None)
-        self._later(_quietly(batch.msg.nak(delay=delay)))
+        self._later(_quietly(batch.msg.nak(delay=self._delay(batch.delivered))))
         while len(self.done) > 10_000:  # redelivered to another gateway: never seen again
             del self.done[next(iter(self.done))]
-
-    def _settle(self, item: Item) -> None:
-        self._unlock(item)
-        batch = item.batch
-        batch.acked.add(item.seq)
-        batch.pending -= 1
-        if batch.pending == 0:
-            if batch.requeued:
-                attempts = batch.delivered
-                s = self.settings
-                self._nak(
-                    batch, min(s.requeue_delay * 2 ** max(attempts - 1, 0), s.requeue_max_delay)
-                )
-            else:
-                self._settle_batch(batch)
 
     def _unlock(self, item: Item) -> None:
         if not item.locked:
@@ -703,6 +708,8 @@ class Hub:
         self._dispatch()
 
     async def _ensure_dead_letter_stream(self) -> None:
+        if self._dead_letter_ready:
+            return
         s = self.settings
         try:
             await self.js.stream_info(s.dead_letter_name)
@@ -715,6 +722,7 @@ class Hub:
                     storage=api.StorageType.FILE,
                 )
             )
+        self._dead_letter_ready = True
 
     def _later(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(work)
@@ -736,15 +744,18 @@ class Hub:
                 self.metrics.lag_messages.labels(**self._labels).set(info.num_pending or 0)
             self._dispatch()
 
+    def _in_flight_count(self) -> int:
+        return sum(len(s.unacked) + len(s.outbox) for s in self.sessions)
+
     def _count_in_flight(self) -> None:
-        self._in_flight.set(sum(len(s.unacked) + len(s.outbox) for s in self.sessions))
+        self._in_flight.set(self._in_flight_count())
 
     def health(self) -> dict[str, Any]:
         return {
             "state": self.state,
             "ordered": self.ordered,
             "clients": len(self.sessions),
-            "in_flight": sum(len(s.unacked) + len(s.outbox) for s in self.sessions),
+            "in_flight": self._in_flight_count(),
             "backlog": len(self.backlog),
             "requeued": len(self.retry),
             "held_messages": len(self.held),
@@ -755,18 +766,18 @@ def _unavailable(message: str) -> GatewayError:
     return GatewayError(grpc.StatusCode.UNAVAILABLE, message)
 
 
+def _as_status(exc: Exception) -> GatewayError:
+    """What a client of a hub that failed with ``exc`` is told: a stream that lost changes,
+    or a setting the server refuses, needs someone (FAILED_PRECONDITION); anything else, a
+    stream not created yet included, may pass (UNAVAILABLE: retry)."""
+    if isinstance(exc, GatewayError):
+        return exc
+    if isinstance(exc, StreamGap | ConfigError | nats.js.errors.BadRequestError):
+        return GatewayError(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+    return _unavailable(str(exc) or repr(exc))
+
+
 async def _quietly(awaitable: Any) -> None:
     """Acknowledgements are best effort: a lost one means a redelivery, never a loss."""
     with contextlib.suppress(Exception):
         await awaitable
-
-
-def _parse_time(text: str, uri: str) -> datetime:
-    try:
-        value = datetime.fromisoformat(text)
-    except ValueError:
-        raise ConfigError(
-            f"gateway.uris.{uri}.start: {text!r} is not an ISO 8601 time; write e.g. "
-            '"time:2026-11-21T09:30:00Z"'
-        ) from None
-    return value if value.tzinfo else value.replace(tzinfo=UTC)

@@ -68,12 +68,6 @@ def read_head(message: bytes) -> Head:
     return Head(kind, body, ())
 
 
-def commit_time(message: bytes) -> int:
-    """The commit time (microseconds since 2000-01-01) of a Begin or Commit record."""
-    msg = pb.Message.FromString(message)
-    return msg.begin.commit_time if message[0] == BEGIN else msg.commit.commit_time
-
-
 def change_keys(message: bytes, body: int) -> tuple[Key, ...]:
     """The row identities a change touches: its new row's and, when the key changed, its old
     row's, each as (schema, table, key column values). Columns flagged ``key`` identify a row;

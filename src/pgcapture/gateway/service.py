@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import re
 from collections.abc import AsyncIterator
@@ -73,7 +74,10 @@ class GatewayService:
 
         return grpc.method_handlers_generic_handler(
             SERVICE,
-            {"Capture": method(self._capture), "CaptureBatched": method(self._capture_batched)},
+            {
+                "Capture": method(functools.partial(self._serve, batched=False)),
+                "CaptureBatched": method(functools.partial(self._serve, batched=True)),
+            },
         )
 
     def set_available(self, available: bool) -> None:
@@ -93,14 +97,6 @@ class GatewayService:
             await asyncio.wait(set(self._closing), timeout=10.0)
 
     # -- streams ------------------------------------------------------------------------
-
-    async def _capture(self, requests: AsyncIterator[pb.CaptureRequest], context: Any) -> None:
-        await self._serve(requests, context, batched=False)
-
-    async def _capture_batched(
-        self, requests: AsyncIterator[pb.CaptureRequest], context: Any
-    ) -> None:
-        await self._serve(requests, context, batched=True)
 
     async def _serve(
         self, requests: AsyncIterator[pb.CaptureRequest], context: Any, batched: bool

@@ -67,9 +67,10 @@ class CaptureMetrics:
 
 
 def commit_time(message: bytes) -> float:
-    """Unix time of a wire Commit message."""
-    commit = pb.Message.FromString(message).commit
-    return _PG_EPOCH + commit.commit_time / 1e6
+    """Unix time of a wire Begin or Commit message."""
+    msg = pb.Message.FromString(message)
+    micros = msg.begin.commit_time if msg.HasField("begin") else msg.commit.commit_time
+    return _PG_EPOCH + micros / 1e6
 
 
 class MeteredWriter:
