@@ -8,17 +8,23 @@ published, acknowledged and confirmed, and the lease is released.
 
 from __future__ import annotations
 
-import asyncio
 import os
-import signal
 from pathlib import Path
 from typing import Any
 
 import click
 
-from pgcapture.cli.options import config_option, pick_source, set_option, with_settings
-from pgcapture.config import Config, load_config
-from pgcapture.ops.logs import setup_logging
+from pgcapture.cli.options import (
+    config_option,
+    nats_option,
+    ops_options,
+    pick_source,
+    run_service,
+    service_overrides,
+    set_option,
+    with_settings,
+)
+from pgcapture.config import load_config
 from pgcapture.ops.service import serve_capture
 
 
@@ -26,7 +32,7 @@ def _overrides(source: str, flags: dict[str, Any], settings: tuple[str, ...]) ->
     src = f"sources.{source}"
     return with_settings(
         {
-            "nats.url": flags["nats"],
+            **service_overrides(flags),
             f"{src}.dsn": flags["dsn"],
             f"{src}.slot": flags["slot"],
             f"{src}.publication": flags["publication"],
@@ -36,9 +42,6 @@ def _overrides(source: str, flags: dict[str, Any], settings: tuple[str, ...]) ->
             f"{src}.stream.max_age": flags["max_age"],
             f"{src}.stream.max_bytes": flags["max_bytes"],
             f"{src}.lock.wait": flags["lock_wait"],
-            "metrics.listen": flags["metrics_listen"],
-            "log.level": flags["log_level"],
-            "log.format": flags["log_format"],
         },
         settings,
     )
@@ -52,7 +55,7 @@ def _split(tables: str | None) -> list[str] | None:
 @config_option
 @click.option("--source", help="Source name (a [sources.NAME] section; names the stream).")
 @click.option("--dsn", help="libpq connection string of the source database.")
-@click.option("--nats", help="NATS server URL(s), comma-separated.")
+@nats_option
 @click.option("--slot", help="Replication slot (default pgcapture_<source>).")
 @click.option("--publication", help="Publication (default: the slot name).")
 @click.option("--tables", help="Comma-separated tables to capture (default: all).")
@@ -61,9 +64,7 @@ def _split(tables: str | None) -> list[str] | None:
 @click.option("--max-age", help='Stream retention by age, e.g. "7d" (0 = unlimited).')
 @click.option("--max-bytes", help='Stream retention by size, e.g. "50GiB" (-1 = unlimited).')
 @click.option("--lock-wait", help="Seconds to wait for another capture's lease to expire.")
-@click.option("--metrics-listen", help='HOST:PORT for /metrics and /healthz, e.g. ":9187".')
-@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]))
-@click.option("--log-format", type=click.Choice(["json", "text"]))
+@ops_options(":9187")
 @set_option("sources.app.batch.linger=10ms")
 def capture(
     config_path: Path | None, source: str | None, settings: tuple[str, ...], **flags: Any
@@ -79,14 +80,5 @@ def capture(
     if flags.get("replicas"):
         flags["replicas"] = int(flags["replicas"])
     config = load_config(config_path, os.environ, _overrides(name, flags, settings))
-    config.source(name)  # fails here, before anything starts, when the source is unknown
-    setup_logging(config.log.level, config.log.format)
-    asyncio.run(_main(config, name))
-
-
-async def _main(config: Config, name: str) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await serve_capture(config, config.source(name), stop)
+    source_config = config.source(name)  # fails here, before anything starts, when unknown
+    run_service(config, lambda stop: serve_capture(config, source_config, stop))

@@ -9,32 +9,34 @@ from their URI's durable position.
 
 from __future__ import annotations
 
-import asyncio
 import os
-import signal
 from pathlib import Path
 from typing import Any
 
 import click
 
-from pgcapture.cli.options import config_option, set_option, with_settings
-from pgcapture.config import Config, load_config
-from pgcapture.gateway.resolver import Resolver, load_resolver
+from pgcapture.cli.options import (
+    config_option,
+    nats_option,
+    ops_options,
+    run_service,
+    service_overrides,
+    set_option,
+    with_settings,
+)
+from pgcapture.config import load_config
+from pgcapture.gateway.resolver import load_resolver
 from pgcapture.gateway.server import serve_gateway
-from pgcapture.ops.logs import setup_logging
 
 
 def _overrides(flags: dict[str, Any], settings: tuple[str, ...]) -> dict[str, Any]:
     insecure = True if flags["insecure"] else None
     return with_settings(
         {
-            "nats.url": flags["nats"],
+            **service_overrides(flags),
             "gateway.listen": flags["listen"],
             "gateway.tls.disabled": insecure,
             "gateway.auth.disabled": insecure,
-            "metrics.listen": flags["metrics_listen"],
-            "log.level": flags["log_level"],
-            "log.format": flags["log_format"],
         },
         settings,
     )
@@ -43,7 +45,7 @@ def _overrides(flags: dict[str, Any], settings: tuple[str, ...]) -> dict[str, An
 @click.command()
 @config_option
 @click.option("--listen", help='HOST:PORT to serve gRPC on (default "127.0.0.1:10001").')
-@click.option("--nats", help="NATS server URL(s), comma-separated.")
+@nats_option
 @click.option(
     "--resolver", "resolver_spec", metavar="MODULE:ATTRIBUTE",
     help="Resolve URIs with this object (or factory taking the configuration) instead of "
@@ -54,9 +56,7 @@ def _overrides(flags: dict[str, Any], settings: tuple[str, ...]) -> dict[str, An
     help="No TLS and no tokens: sets gateway.tls.disabled and gateway.auth.disabled together. "
     "For local use only; anyone who reaches --listen reads every URI.",
 )  # fmt: skip
-@click.option("--metrics-listen", help='HOST:PORT for /metrics and /healthz, e.g. ":9189".')
-@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]))
-@click.option("--log-format", type=click.Choice(["json", "text"]))
+@ops_options(":9189")
 @set_option("gateway.uris.orders.max_unacked=500")
 def gateway(
     config_path: Path | None,
@@ -78,13 +78,4 @@ def gateway(
     """
     config = load_config(config_path, os.environ, _overrides(flags, settings))
     resolver = load_resolver(resolver_spec, config) if resolver_spec else None
-    setup_logging(config.log.level, config.log.format)
-    asyncio.run(_main(config, resolver))
-
-
-async def _main(config: Config, resolver: Resolver | None) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await serve_gateway(config, stop, resolver=resolver)
+    run_service(config, lambda stop: serve_gateway(config, stop, resolver=resolver))

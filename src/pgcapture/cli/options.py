@@ -1,16 +1,20 @@
-"""What the service subcommands share: the configuration file, ``--set`` and the source name."""
+"""What the service subcommands share: the configuration file, ``--set``, the source name, the
+NATS, metrics and log flags, and running until SIGINT/SIGTERM."""
 
 from __future__ import annotations
 
+import asyncio
 import os
-from collections.abc import Callable
+import signal
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
 import click
 
-from pgcapture.config import load_config, parse_value
+from pgcapture.config import Config, load_config, parse_value
 from pgcapture.errors import ConfigError
+from pgcapture.ops.logs import setup_logging
 
 FC = TypeVar("FC", bound=Callable[..., Any])
 
@@ -51,3 +55,51 @@ def pick_source(config_path: Path | None, source: str | None) -> str:
             "choose one with --source NAME"
         )
     raise ConfigError("--source NAME is required (with --dsn, or a configuration file)")
+
+
+nats_option = click.option("--nats", help="NATS server URL(s), comma-separated.")
+
+
+def ops_options(metrics_example: str) -> Callable[[FC], FC]:
+    """``--metrics-listen``, ``--log-level`` and ``--log-format``."""
+    options = (
+        click.option(
+            "--metrics-listen",
+            help=f'HOST:PORT for /metrics and /healthz, e.g. "{metrics_example}".',
+        ),
+        click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"])),
+        click.option("--log-format", type=click.Choice(["json", "text"])),
+    )
+
+    def apply(command: FC) -> FC:
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return apply
+
+
+def service_overrides(flags: dict[str, Any]) -> dict[str, Any]:
+    """The configuration keys of ``--nats`` and ``ops_options``."""
+    return {
+        "nats.url": flags["nats"],
+        "metrics.listen": flags["metrics_listen"],
+        "log.level": flags["log_level"],
+        "log.format": flags["log_format"],
+    }
+
+
+def run_service(
+    config: Config, serve: Callable[[asyncio.Event], Coroutine[Any, Any, None]]
+) -> None:
+    """Logs as configured, then ``serve(stop)``, where SIGINT/SIGTERM set ``stop``."""
+    setup_logging(config.log.level, config.log.format)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await serve(stop)
+
+    asyncio.run(main())

@@ -8,18 +8,24 @@ stop it cleanly: complete source transactions are committed, the rest is applied
 
 from __future__ import annotations
 
-import asyncio
 import os
-import signal
 from pathlib import Path
 from typing import Any
 
 import click
 
-from pgcapture.cli.options import config_option, pick_source, set_option, with_settings
-from pgcapture.config import Config, load_config
+from pgcapture.cli.options import (
+    config_option,
+    nats_option,
+    ops_options,
+    pick_source,
+    run_service,
+    service_overrides,
+    set_option,
+    with_settings,
+)
+from pgcapture.config import load_config
 from pgcapture.errors import ConfigError
-from pgcapture.ops.logs import setup_logging
 from pgcapture.replica.service import serve_replicate
 
 
@@ -27,14 +33,11 @@ def _overrides(source: str, flags: dict[str, Any], settings: tuple[str, ...]) ->
     rep = f"sources.{source}.replica"
     return with_settings(
         {
-            "nats.url": flags["nats"],
+            **service_overrides(flags),
             f"{rep}.dsn": flags["dsn"],
             f"{rep}.max_changes": flags["max_changes"],
             f"{rep}.max_delay": flags["max_delay"],
             f"{rep}.skip_ddl": list(flags["skip_ddl"]) or None,
-            "metrics.listen": flags["metrics_listen"],
-            "log.level": flags["log_level"],
-            "log.format": flags["log_format"],
         },
         settings,
     )
@@ -44,7 +47,7 @@ def _overrides(source: str, flags: dict[str, Any], settings: tuple[str, ...]) ->
 @config_option
 @click.option("--source", help="Source name (a [sources.NAME] section; names the stream).")
 @click.option("--dsn", help="libpq connection string of the replica database.")
-@click.option("--nats", help="NATS server URL(s), comma-separated.")
+@nats_option
 @click.option(
     "--from-start", is_flag=True,
     help="A replica without a position starts at the stream's beginning (it must then hold "
@@ -56,9 +59,7 @@ def _overrides(source: str, flags: dict[str, Any], settings: tuple[str, ...]) ->
 )  # fmt: skip
 @click.option("--max-changes", type=int, help="Changes per replica transaction (default 20000).")
 @click.option("--max-delay", help='How long a replica transaction may stay open, e.g. "1s".')
-@click.option("--metrics-listen", help='HOST:PORT for /metrics and /healthz, e.g. ":9188".')
-@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]))
-@click.option("--log-format", type=click.Choice(["json", "text"]))
+@ops_options(":9188")
 @set_option("sources.app.replica.max_delay=500ms")
 def replicate(
     config_path: Path | None,
@@ -81,13 +82,4 @@ def replicate(
         raise ConfigError(
             f"no replica to apply to: pass --dsn REPLICA_DSN or set dsn in [sources.{name}.replica]"
         )
-    setup_logging(config.log.level, config.log.format)
-    asyncio.run(_main(config, name, from_start))
-
-
-async def _main(config: Config, name: str, from_start: bool) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await serve_replicate(config, config.source(name, need_dsn=False), stop, from_start)
+    run_service(config, lambda stop: serve_replicate(config, src, stop, from_start))
