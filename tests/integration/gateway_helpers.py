@@ -14,9 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import psycopg
 from google.protobuf.struct_pb2 import Struct
-from log_helpers import capturing
+from log_helpers import capturing, wait_for_slot
 
 from pgcapture.config import Config, validate_config
 from pgcapture.gateway.server import serve_gateway
@@ -63,20 +62,9 @@ async def running_gateway(config: Config, **kwargs: Any) -> AsyncIterator[str]:
 
 @contextlib.asynccontextmanager
 async def captured(config: Config, name: str) -> AsyncIterator[asyncio.Event]:
-    """Capture running for source ``name``, its slot streaming (so nothing after is missed)."""
-    source = config.source(name)
+    """Capture running for source ``name``, its slot created (so nothing after is missed)."""
     async with capturing(config, name) as stop:
-        async with await psycopg.AsyncConnection.connect(source.dsn, autocommit=True) as conn:
-            async with asyncio.timeout(30):
-                while True:
-                    cur = await conn.execute(
-                        "SELECT active FROM pg_replication_slots WHERE slot_name = %s",
-                        (source.slot_name,),
-                    )
-                    row = await cur.fetchone()
-                    if row is not None and row[0]:
-                        break
-                    await asyncio.sleep(0.05)
+        await wait_for_slot(config.source(name).dsn, config.source(name).slot_name)
         yield stop
 
 

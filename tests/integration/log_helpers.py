@@ -135,3 +135,19 @@ async def poll(check: Callable[[], Awaitable[bool]], seconds: float = 20) -> Non
     async with asyncio.timeout(seconds):
         while not await check():
             await asyncio.sleep(0.1)
+
+
+async def wait_for_slot(dsn: str, slot: str, timeout: float = 30) -> None:
+    """Until capture's slot exists and is consistent."""
+    async with asyncio.timeout(timeout):
+        while True:
+            async with await psycopg.AsyncConnection.connect(dsn) as conn:
+                cur = await conn.execute(
+                    "SELECT confirmed_flush_lsn IS NOT NULL FROM pg_replication_slots "
+                    "WHERE slot_name = %s",
+                    (slot,),
+                )
+                row = await cur.fetchone()
+            if row and row[0]:
+                return
+            await asyncio.sleep(0.05)

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Iterator
 
 import psycopg
 import pytest
-from log_helpers import capturing, http_get, make_config, poll, run_sql
+from log_helpers import capturing, http_get, make_config, poll, run_sql, wait_for_slot
 
 from pgcapture.config import Config
 from pgcapture.errors import ConfigError
@@ -171,7 +171,7 @@ async def test_every_row_shape_and_ddl_converge(dsn: str, replica: str, nats: Lo
     await run_sql(replica, *SCHEMA)
     config = make_config(dsn, nats.url, "app")
     async with capturing(config, "app"):
-        await asyncio.sleep(0.5)
+        await wait_for_slot(dsn, config.source("app").slot_name)
         await _start_position(dsn, replica)
         async with replicating(config, replica) as task:
             for statement in WORKLOAD:
@@ -200,7 +200,7 @@ async def test_restarts_apply_every_transaction_once(
     await run_sql(replica, *schema)
     config = make_config(dsn, nats.url, "app")
     async with capturing(config, "app"):
-        await asyncio.sleep(0.5)
+        await wait_for_slot(dsn, config.source("app").slot_name)
         await _start_position(dsn, replica)
         for round_ in range(4):
             async with replicating(config, replica) as task:
@@ -226,7 +226,7 @@ async def test_errors_name_the_problem(dsn: str, replica: str, nats: LocalNats) 
     with pytest.raises(ConfigError, match=r"no position for source 'app'.*bootstrap"):
         await replicate(config, config.source("app"), replica, stop)
     async with capturing(config, "app"):
-        await asyncio.sleep(0.5)
+        await wait_for_slot(dsn, config.source("app").slot_name)
         async with await psycopg.AsyncConnection.connect(replica, autocommit=True) as conn:
             await set_position(conn, "app", await _lsn(dsn), "test", replace=True)
             await conn.execute("SELECT pg_advisory_lock(1885823841, 1)")
@@ -260,7 +260,7 @@ async def test_inexact_ddl_stops_until_skipped(dsn: str, replica: str, nats: Loc
     config = make_config(dsn, nats.url, "app")
     stop = asyncio.Event()
     async with capturing(config, "app"):
-        await asyncio.sleep(0.5)
+        await wait_for_slot(dsn, config.source("app").slot_name)
         await _start_position(dsn, replica)
         await run_sql(dsn, "PREPARE p AS SELECT 1 AS a INTO made; EXECUTE p")
         with pytest.raises(DdlNotReplayable, match=r"--skip-ddl \d+") as err:
@@ -287,7 +287,7 @@ async def test_metrics_and_health(dsn: str, replica: str, nats: LocalNats) -> No
     )})  # fmt: skip
     stop = asyncio.Event()
     async with capturing(config, "app"):
-        await asyncio.sleep(0.5)
+        await wait_for_slot(dsn, config.source("app").slot_name)
         await _start_position(dsn, replica)
         task = asyncio.create_task(serve_replicate(config, config.source("app"), stop))
         try:

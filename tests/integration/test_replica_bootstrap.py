@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Iterator
 
 import psycopg
 import pytest
-from log_helpers import capturing, make_config, run_sql, stream_records
+from log_helpers import capturing, make_config, run_sql, stream_records, wait_for_slot
 
 from pgcapture.config import Config, SourceConfig
 from pgcapture.errors import ConfigError, PermissionDenied
@@ -97,22 +97,6 @@ async def workload(dsn: str) -> AsyncIterator[Workload]:
         yield work
     finally:
         await work.stop()
-
-
-async def wait_for_slot(dsn: str, slot: str, timeout: float = 30) -> None:
-    """Until capture's slot exists and is consistent."""
-    async with asyncio.timeout(timeout):
-        while True:
-            async with await psycopg.AsyncConnection.connect(dsn) as conn:
-                cur = await conn.execute(
-                    "SELECT confirmed_flush_lsn IS NOT NULL FROM pg_replication_slots "
-                    "WHERE slot_name = %s",
-                    (slot,),
-                )
-                row = await cur.fetchone()
-            if row and row[0]:
-                return
-            await asyncio.sleep(0.05)
 
 
 def _int4(field: pb.Field) -> int:
