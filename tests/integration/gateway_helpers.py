@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import nats as natslib
 from google.protobuf.struct_pb2 import Struct
 from log_helpers import capturing, wait_for_slot
 
@@ -193,3 +194,11 @@ def gateway_process(config_file: Path) -> subprocess.Popen[bytes]:
         stderr=subprocess.DEVNULL,
         env={**os.environ, "PGCAPTURE_LOG__LEVEL": "warning"},
     )
+
+
+async def consumer_state(url: str, stream: str, consumer: str) -> Any:
+    nc = await natslib.connect(url)
+    try:
+        return await nc.jetstream().consumer_info(stream, consumer)
+    finally:
+        await nc.close()

@@ -14,11 +14,13 @@ from typing import Any
 
 import grpc
 import nats as natslib
+import psycopg
 import pytest
 from gateway_helpers import (
     BatchedClient,
     GoStyleClient,
     captured,
+    consumer_state,
     gateway_config,
     int_of,
     row_values,
@@ -47,14 +49,6 @@ async def consuming(*clients: Any) -> Any:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-
-
-async def consumer_state(url: str, stream: str, consumer: str) -> Any:
-    nc = await natslib.connect(url)
-    try:
-        return await nc.jetstream().consumer_info(stream, consumer)
-    finally:
-        await nc.close()
 
 
 async def test_acks_reach_jetstream_and_filtered_tables_are_skipped(
@@ -200,8 +194,6 @@ async def test_ordered_uri_keeps_each_keys_order_across_requeues(dsn: str, nats:
 
 
 async def _versions(dsn: str) -> dict[int, int]:
-    import psycopg
-
     async with await psycopg.AsyncConnection.connect(dsn) as conn:
         cur = await conn.execute("SELECT id, version FROM k")
         return dict(await cur.fetchall())
@@ -301,8 +293,6 @@ async def test_clients_of_one_uri_share_it_and_uris_are_independent(
 
 
 async def test_start_positions_of_new_uris(dsn: str, nats: LocalNats) -> None:
-    import psycopg
-
     await run_sql(dsn, "CREATE TABLE t (id int PRIMARY KEY)")
     probe = gateway_config(dsn, nats.url, "start")
     async with captured(probe, "start"):

@@ -9,12 +9,11 @@ import random
 import signal
 from collections import Counter
 from pathlib import Path
-from typing import Any
 
 import grpc
 import nats as natslib
 import pytest
-from gateway_helpers import captured, gateway_config, gateway_file, gateway_process
+from gateway_helpers import captured, consumer_state, gateway_config, gateway_file, gateway_process
 from google.protobuf.struct_pb2 import Struct
 from log_helpers import run_sql
 
@@ -93,7 +92,7 @@ async def test_gateway_sigkill_loses_nothing_and_redelivers_only_unacked(
                     gateway.send_signal(signal.SIGKILL)
                     gateway.wait(10)
                     consumer.epoch += 1
-                    info = await _consumer(nats.url)
+                    info = await consumer_state(nats.url, "PGCAPTURE_KILL", "pgcapture_app")
                     kills.append((info.ack_floor.stream_seq, info.num_ack_pending))
                     gateway = gateway_process(config_file)
             async with asyncio.timeout(30):  # capture has stored every change of the workload
@@ -126,14 +125,6 @@ async def test_gateway_sigkill_loses_nothing_and_redelivers_only_unacked(
         redelivered_messages.setdefault(epoch, set()).add(expected[key])
     for epoch, messages in redelivered_messages.items():
         assert len(messages) <= kills[epoch - 1][1], (epoch, len(messages), kills[epoch - 1])
-
-
-async def _consumer(url: str) -> Any:
-    nc = await natslib.connect(url)
-    try:
-        return await nc.jetstream().consumer_info("PGCAPTURE_KILL", "pgcapture_app")
-    finally:
-        await nc.close()
 
 
 async def _changes(url: str) -> dict[tuple[int, int], int]:
