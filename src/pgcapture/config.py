@@ -189,7 +189,7 @@ class UriConfig(_Section):
     max_unacked: int = Field(default=2000, ge=1)
     ack_wait: PositiveDuration = 60.0
     max_ack_pending: int = Field(default=1000, ge=1)
-    dump_replica: str = ""
+    dumper: str = ""  # host:port of the `pgcapture dumper` serving this URI's source
 
     @field_validator("start")
     @classmethod
@@ -266,6 +266,29 @@ class GatewayConfig(_Section):
     tls: TlsConfig = TlsConfig()
     auth: AuthConfig = AuthConfig()
     uris: dict[str, UriConfig] = {}
+    controller: str = ""  # host:port of `pgcapture controller`; empty: no dumps
+    dump_wait: PositiveDuration = 30.0  # a chunk waits this long for the stream to reach it
+
+
+class ControllerConfig(_Section):
+    """``[controller]``: the dump scheduler (``pgcapture controller``, docs/dumps.md)."""
+
+    listen: str = "127.0.0.1:10002"
+    bucket: str = Field(default="pgcapture_dumps", pattern=r"^[A-Za-z0-9_-]+$")
+    chunk_pages: int = Field(default=0, ge=0)  # 0: from the table's statistics (chunk_rows)
+    chunk_rows: int = Field(default=20_000, ge=1)
+    cool_down: Duration = 0.0
+    claim_ttl: PositiveDuration = 10.0
+    max_backoff: PositiveDuration = 60.0
+
+
+class DumperConfig(_Section):
+    """``[dumper]``: reads dump chunks on a source's logical replica (``pgcapture dumper``)."""
+
+    listen: str = "127.0.0.1:10003"
+    source: str = ""  # the source whose replica ([sources.NAME.replica] dsn) is read
+    batch_rows: int = Field(default=1000, ge=1)
+    batch_bytes: Size = Field(default=1 << 20, ge=1024)
 
 
 class MetricsConfig(_Section):
@@ -291,6 +314,8 @@ class Config(_Section):
     log: LogConfig = LogConfig()
     sources: dict[str, SourceConfig] = {}
     gateway: GatewayConfig = GatewayConfig()
+    controller: ControllerConfig = ControllerConfig()
+    dumper: DumperConfig = DumperConfig()
 
     def source(self, name: str, need_dsn: bool = True) -> SourceConfig:
         """Source ``name``; ``need_dsn``: its database is connected to, so its dsn is needed."""

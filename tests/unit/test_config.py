@@ -232,7 +232,7 @@ def test_gateway_uri_defaults_and_derived_names(tmp_path: Path) -> None:
     assert uri.max_unacked == 2000
     assert uri.ack_wait == 60
     assert uri.max_ack_pending == 1000
-    assert uri.dump_replica == ""
+    assert uri.dumper == ""
     token = config.gateway.auth.tokens["reporting"]
     assert token.token is None
     assert token.token_file == Path("/etc/pgcapture/reporting.token")

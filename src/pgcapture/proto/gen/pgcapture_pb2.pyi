@@ -15,6 +15,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from google.protobuf import struct_pb2 as _struct_pb2
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
@@ -525,17 +526,25 @@ class DumpInfoRequest(_message.Message):
 
     URI_FIELD_NUMBER: _builtins.int
     REQUEUE_REASON_FIELD_NUMBER: _builtins.int
+    ROWS_FIELD_NUMBER: _builtins.int
+    KEY_CHUNKS_FIELD_NUMBER: _builtins.int
     uri: _builtins.str
     requeue_reason: _builtins.str
+    rows: _builtins.int
+    """addition: rows the acknowledged chunk delivered (progress)"""
+    key_chunks: _builtins.bool
+    """addition, first request: this client can dump chunks with keys"""
     def __init__(
         self,
         *,
         uri: _builtins.str = ...,
         requeue_reason: _builtins.str = ...,
+        rows: _builtins.int = ...,
+        key_chunks: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["requeue_reason", b"requeue_reason", "uri", b"uri"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_chunks", b"key_chunks", "requeue_reason", b"requeue_reason", "rows", b"rows", "uri", b"uri"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -549,10 +558,20 @@ class DumpInfoResponse(_message.Message):
     TABLE_FIELD_NUMBER: _builtins.int
     PAGE_BEGIN_FIELD_NUMBER: _builtins.int
     PAGE_END_FIELD_NUMBER: _builtins.int
+    KEYS_FIELD_NUMBER: _builtins.int
+    DUMP_ID_FIELD_NUMBER: _builtins.int
     schema: _builtins.str
     table: _builtins.str
     page_begin: _builtins.int
     page_end: _builtins.int
+    dump_id: _builtins.str
+    """addition: the dump this chunk belongs to"""
+    @_builtins.property
+    def keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Addition: dump only the rows with these keys, each a JSON object {"column": value} of the
+        table's key columns; the page range is ignored when keys are set.
+        """
+
     def __init__(
         self,
         *,
@@ -560,10 +579,12 @@ class DumpInfoResponse(_message.Message):
         table: _builtins.str = ...,
         page_begin: _builtins.int = ...,
         page_end: _builtins.int = ...,
+        keys: _abc.Iterable[_builtins.str] | None = ...,
+        dump_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_begin", b"page_begin", "page_end", b"page_end", "schema", b"schema", "table", b"table"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dump_id", b"dump_id", "keys", b"keys", "page_begin", b"page_begin", "page_end", b"page_end", "schema", b"schema", "table", b"table"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -678,6 +699,215 @@ class SetScheduleCoolDownResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SetScheduleCoolDownResponse: _TypeAlias = SetScheduleCoolDownResponse  # noqa: Y015
+
+@_typing.final
+class ScheduleDumpRequest(_message.Message):
+    """Addition: a dump scheduled by name. The controller reads the tables' sizes on the logical
+    replica of the URI's source and cuts them into chunks of page ranges itself.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    URI_FIELD_NUMBER: _builtins.int
+    TABLES_FIELD_NUMBER: _builtins.int
+    KEYS_FIELD_NUMBER: _builtins.int
+    CHUNK_PAGES_FIELD_NUMBER: _builtins.int
+    COOL_DOWN_FIELD_NUMBER: _builtins.int
+    uri: _builtins.str
+    chunk_pages: _builtins.int
+    """pages per chunk; 0: the controller's setting"""
+    @_builtins.property
+    def tables(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """"schema.table"; empty: every table of the replica"""
+
+    @_builtins.property
+    def keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """with exactly one table: only the rows with these keys (JSON objects)"""
+
+    @_builtins.property
+    def cool_down(self) -> _duration_pb2.Duration:
+        """pause between two chunks handed to one client"""
+
+    def __init__(
+        self,
+        *,
+        uri: _builtins.str = ...,
+        tables: _abc.Iterable[_builtins.str] | None = ...,
+        keys: _abc.Iterable[_builtins.str] | None = ...,
+        chunk_pages: _builtins.int = ...,
+        cool_down: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cool_down", b"cool_down"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_pages", b"chunk_pages", "cool_down", b"cool_down", "keys", b"keys", "tables", b"tables", "uri", b"uri"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ScheduleDumpRequest: _TypeAlias = ScheduleDumpRequest  # noqa: Y015
+
+@_typing.final
+class DumpRef(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    URI_FIELD_NUMBER: _builtins.int
+    ID_FIELD_NUMBER: _builtins.int
+    uri: _builtins.str
+    id: _builtins.str
+    def __init__(
+        self,
+        *,
+        uri: _builtins.str = ...,
+        id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "uri", b"uri"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DumpRef: _TypeAlias = DumpRef  # noqa: Y015
+
+@_typing.final
+class ListDumpsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    URI_FIELD_NUMBER: _builtins.int
+    ID_FIELD_NUMBER: _builtins.int
+    INCLUDE_FINISHED_FIELD_NUMBER: _builtins.int
+    uri: _builtins.str
+    """empty: every URI"""
+    id: _builtins.str
+    """empty: every dump"""
+    include_finished: _builtins.bool
+    def __init__(
+        self,
+        *,
+        uri: _builtins.str = ...,
+        id: _builtins.str = ...,
+        include_finished: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "include_finished", b"include_finished", "uri", b"uri"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListDumpsRequest: _TypeAlias = ListDumpsRequest  # noqa: Y015
+
+@_typing.final
+class ListDumpsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DUMPS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def dumps(self) -> _containers.RepeatedCompositeFieldContainer[Global___DumpStatus]: ...
+    def __init__(
+        self,
+        *,
+        dumps: _abc.Iterable[Global___DumpStatus] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dumps", b"dumps"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListDumpsResponse: _TypeAlias = ListDumpsResponse  # noqa: Y015
+
+@_typing.final
+class DumpStatus(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    URI_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    TABLES_FIELD_NUMBER: _builtins.int
+    CHUNKS_TOTAL_FIELD_NUMBER: _builtins.int
+    CHUNKS_DONE_FIELD_NUMBER: _builtins.int
+    CHUNKS_RUNNING_FIELD_NUMBER: _builtins.int
+    ROWS_FIELD_NUMBER: _builtins.int
+    ROWS_ESTIMATE_FIELD_NUMBER: _builtins.int
+    CREATED_FIELD_NUMBER: _builtins.int
+    UPDATED_FIELD_NUMBER: _builtins.int
+    FINISHED_FIELD_NUMBER: _builtins.int
+    RETRIES_FIELD_NUMBER: _builtins.int
+    LAST_ERROR_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    uri: _builtins.str
+    state: _builtins.str
+    """running, paused, stopped, done"""
+    chunks_total: _builtins.int
+    chunks_done: _builtins.int
+    chunks_running: _builtins.int
+    rows: _builtins.int
+    """rows delivered so far"""
+    rows_estimate: _builtins.int
+    """the replica's estimate when the dump was scheduled"""
+    retries: _builtins.int
+    """chunks requeued so far"""
+    last_error: _builtins.str
+    """the latest requeue reason"""
+    @_builtins.property
+    def tables(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def created(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def updated(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def finished(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        uri: _builtins.str = ...,
+        state: _builtins.str = ...,
+        tables: _abc.Iterable[_builtins.str] | None = ...,
+        chunks_total: _builtins.int = ...,
+        chunks_done: _builtins.int = ...,
+        chunks_running: _builtins.int = ...,
+        rows: _builtins.int = ...,
+        rows_estimate: _builtins.int = ...,
+        created: _timestamp_pb2.Timestamp | None = ...,
+        updated: _timestamp_pb2.Timestamp | None = ...,
+        finished: _timestamp_pb2.Timestamp | None = ...,
+        retries: _builtins.int = ...,
+        last_error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "finished", b"finished", "updated", b"updated"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunks_done", b"chunks_done", "chunks_running", b"chunks_running", "chunks_total", b"chunks_total", "created", b"created", "finished", b"finished", "id", b"id", "last_error", b"last_error", "retries", b"retries", "rows", b"rows", "rows_estimate", b"rows_estimate", "state", b"state", "tables", b"tables", "updated", b"updated", "uri", b"uri"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DumpStatus: _TypeAlias = DumpStatus  # noqa: Y015
+
+@_typing.final
+class DumpRows(_message.Message):
+    """Addition: rows of a dump chunk. Every message carries the replica's applied position the
+    chunk was read at (one transaction); changes are serialized Change messages (op UPDATE,
+    every column, key columns flagged), in the order the replica returned them.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LSN_FIELD_NUMBER: _builtins.int
+    CHANGES_FIELD_NUMBER: _builtins.int
+    lsn: _builtins.int
+    @_builtins.property
+    def changes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]: ...
+    def __init__(
+        self,
+        *,
+        lsn: _builtins.int = ...,
+        changes: _abc.Iterable[_builtins.bytes] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["changes", b"changes", "lsn", b"lsn"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DumpRows: _TypeAlias = DumpRows  # noqa: Y015
 
 @_typing.final
 class AgentDumpRequest(_message.Message):

@@ -172,6 +172,31 @@ class DBLogControllerStub:
                 request_serializer=pgcapture__pb2.SetScheduleCoolDownRequest.SerializeToString,
                 response_deserializer=pgcapture__pb2.SetScheduleCoolDownResponse.FromString,
                 _registered_method=True)
+        self.ScheduleDump = channel.unary_unary(
+                '/pgcapture.DBLogController/ScheduleDump',
+                request_serializer=pgcapture__pb2.ScheduleDumpRequest.SerializeToString,
+                response_deserializer=pgcapture__pb2.DumpStatus.FromString,
+                _registered_method=True)
+        self.ListDumps = channel.unary_unary(
+                '/pgcapture.DBLogController/ListDumps',
+                request_serializer=pgcapture__pb2.ListDumpsRequest.SerializeToString,
+                response_deserializer=pgcapture__pb2.ListDumpsResponse.FromString,
+                _registered_method=True)
+        self.PauseDump = channel.unary_unary(
+                '/pgcapture.DBLogController/PauseDump',
+                request_serializer=pgcapture__pb2.DumpRef.SerializeToString,
+                response_deserializer=pgcapture__pb2.DumpStatus.FromString,
+                _registered_method=True)
+        self.ResumeDump = channel.unary_unary(
+                '/pgcapture.DBLogController/ResumeDump',
+                request_serializer=pgcapture__pb2.DumpRef.SerializeToString,
+                response_deserializer=pgcapture__pb2.DumpStatus.FromString,
+                _registered_method=True)
+        self.StopDump = channel.unary_unary(
+                '/pgcapture.DBLogController/StopDump',
+                request_serializer=pgcapture__pb2.DumpRef.SerializeToString,
+                response_deserializer=pgcapture__pb2.DumpStatus.FromString,
+                _registered_method=True)
 
 
 class DBLogControllerServicer:
@@ -201,6 +226,37 @@ class DBLogControllerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ScheduleDump(self, request, context):
+        """Additions (docs/dumps.md): dumps scheduled by name, their progress, pause/resume/stop.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListDumps(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PauseDump(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResumeDump(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StopDump(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DBLogControllerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -223,6 +279,31 @@ def add_DBLogControllerServicer_to_server(servicer, server):
                     servicer.SetScheduleCoolDown,
                     request_deserializer=pgcapture__pb2.SetScheduleCoolDownRequest.FromString,
                     response_serializer=pgcapture__pb2.SetScheduleCoolDownResponse.SerializeToString,
+            ),
+            'ScheduleDump': grpc.unary_unary_rpc_method_handler(
+                    servicer.ScheduleDump,
+                    request_deserializer=pgcapture__pb2.ScheduleDumpRequest.FromString,
+                    response_serializer=pgcapture__pb2.DumpStatus.SerializeToString,
+            ),
+            'ListDumps': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListDumps,
+                    request_deserializer=pgcapture__pb2.ListDumpsRequest.FromString,
+                    response_serializer=pgcapture__pb2.ListDumpsResponse.SerializeToString,
+            ),
+            'PauseDump': grpc.unary_unary_rpc_method_handler(
+                    servicer.PauseDump,
+                    request_deserializer=pgcapture__pb2.DumpRef.FromString,
+                    response_serializer=pgcapture__pb2.DumpStatus.SerializeToString,
+            ),
+            'ResumeDump': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResumeDump,
+                    request_deserializer=pgcapture__pb2.DumpRef.FromString,
+                    response_serializer=pgcapture__pb2.DumpStatus.SerializeToString,
+            ),
+            'StopDump': grpc.unary_unary_rpc_method_handler(
+                    servicer.StopDump,
+                    request_deserializer=pgcapture__pb2.DumpRef.FromString,
+                    response_serializer=pgcapture__pb2.DumpStatus.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -343,6 +424,141 @@ class DBLogController:
             metadata,
             _registered_method=True)
 
+    @staticmethod
+    def ScheduleDump(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pgcapture.DBLogController/ScheduleDump',
+            pgcapture__pb2.ScheduleDumpRequest.SerializeToString,
+            pgcapture__pb2.DumpStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListDumps(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pgcapture.DBLogController/ListDumps',
+            pgcapture__pb2.ListDumpsRequest.SerializeToString,
+            pgcapture__pb2.ListDumpsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PauseDump(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pgcapture.DBLogController/PauseDump',
+            pgcapture__pb2.DumpRef.SerializeToString,
+            pgcapture__pb2.DumpStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumeDump(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pgcapture.DBLogController/ResumeDump',
+            pgcapture__pb2.DumpRef.SerializeToString,
+            pgcapture__pb2.DumpStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StopDump(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pgcapture.DBLogController/StopDump',
+            pgcapture__pb2.DumpRef.SerializeToString,
+            pgcapture__pb2.DumpStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
 
 class AgentStub:
     """Missing associated documentation comment in .proto file."""
@@ -368,6 +584,11 @@ class AgentStub:
                 request_serializer=pgcapture__pb2.AgentDumpRequest.SerializeToString,
                 response_deserializer=pgcapture__pb2.Change.FromString,
                 _registered_method=True)
+        self.StreamDumpBatched = channel.unary_stream(
+                '/pgcapture.Agent/StreamDumpBatched',
+                request_serializer=pgcapture__pb2.AgentDumpRequest.SerializeToString,
+                response_deserializer=pgcapture__pb2.DumpRows.FromString,
+                _registered_method=True)
 
 
 class AgentServicer:
@@ -391,6 +612,13 @@ class AgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StreamDumpBatched(self, request, context):
+        """Addition: the same rows, many per message, with the replica position they were read at.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -408,6 +636,11 @@ def add_AgentServicer_to_server(servicer, server):
                     servicer.StreamDump,
                     request_deserializer=pgcapture__pb2.AgentDumpRequest.FromString,
                     response_serializer=pgcapture__pb2.Change.SerializeToString,
+            ),
+            'StreamDumpBatched': grpc.unary_stream_rpc_method_handler(
+                    servicer.StreamDumpBatched,
+                    request_deserializer=pgcapture__pb2.AgentDumpRequest.FromString,
+                    response_serializer=pgcapture__pb2.DumpRows.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -491,6 +724,33 @@ class Agent:
             '/pgcapture.Agent/StreamDump',
             pgcapture__pb2.AgentDumpRequest.SerializeToString,
             pgcapture__pb2.Change.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamDumpBatched(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/pgcapture.Agent/StreamDumpBatched',
+            pgcapture__pb2.AgentDumpRequest.SerializeToString,
+            pgcapture__pb2.DumpRows.FromString,
             options,
             channel_credentials,
             insecure,

@@ -82,6 +82,12 @@ class DBLogControllerStub:
     Schedule: _grpc.UnaryUnaryMultiCallable[_pgcapture_pb2.ScheduleRequest, _pgcapture_pb2.ScheduleResponse]
     StopSchedule: _grpc.UnaryUnaryMultiCallable[_pgcapture_pb2.StopScheduleRequest, _pgcapture_pb2.StopScheduleResponse]
     SetScheduleCoolDown: _grpc.UnaryUnaryMultiCallable[_pgcapture_pb2.SetScheduleCoolDownRequest, _pgcapture_pb2.SetScheduleCoolDownResponse]
+    ScheduleDump: _grpc.UnaryUnaryMultiCallable[_pgcapture_pb2.ScheduleDumpRequest, _pgcapture_pb2.DumpStatus]
+    """Additions (docs/dumps.md): dumps scheduled by name, their progress, pause/resume/stop."""
+    ListDumps: _grpc.UnaryUnaryMultiCallable[_pgcapture_pb2.ListDumpsRequest, _pgcapture_pb2.ListDumpsResponse]
+    PauseDump: _grpc.UnaryUnaryMultiCallable[_pgcapture_pb2.DumpRef, _pgcapture_pb2.DumpStatus]
+    ResumeDump: _grpc.UnaryUnaryMultiCallable[_pgcapture_pb2.DumpRef, _pgcapture_pb2.DumpStatus]
+    StopDump: _grpc.UnaryUnaryMultiCallable[_pgcapture_pb2.DumpRef, _pgcapture_pb2.DumpStatus]
 
 @_typing.type_check_only
 class DBLogControllerAsyncStub(DBLogControllerStub):
@@ -90,6 +96,12 @@ class DBLogControllerAsyncStub(DBLogControllerStub):
     Schedule: _aio.UnaryUnaryMultiCallable[_pgcapture_pb2.ScheduleRequest, _pgcapture_pb2.ScheduleResponse]  # type: ignore[assignment]
     StopSchedule: _aio.UnaryUnaryMultiCallable[_pgcapture_pb2.StopScheduleRequest, _pgcapture_pb2.StopScheduleResponse]  # type: ignore[assignment]
     SetScheduleCoolDown: _aio.UnaryUnaryMultiCallable[_pgcapture_pb2.SetScheduleCoolDownRequest, _pgcapture_pb2.SetScheduleCoolDownResponse]  # type: ignore[assignment]
+    ScheduleDump: _aio.UnaryUnaryMultiCallable[_pgcapture_pb2.ScheduleDumpRequest, _pgcapture_pb2.DumpStatus]  # type: ignore[assignment]
+    """Additions (docs/dumps.md): dumps scheduled by name, their progress, pause/resume/stop."""
+    ListDumps: _aio.UnaryUnaryMultiCallable[_pgcapture_pb2.ListDumpsRequest, _pgcapture_pb2.ListDumpsResponse]  # type: ignore[assignment]
+    PauseDump: _aio.UnaryUnaryMultiCallable[_pgcapture_pb2.DumpRef, _pgcapture_pb2.DumpStatus]  # type: ignore[assignment]
+    ResumeDump: _aio.UnaryUnaryMultiCallable[_pgcapture_pb2.DumpRef, _pgcapture_pb2.DumpStatus]  # type: ignore[assignment]
+    StopDump: _aio.UnaryUnaryMultiCallable[_pgcapture_pb2.DumpRef, _pgcapture_pb2.DumpStatus]  # type: ignore[assignment]
 
 class DBLogControllerServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -120,6 +132,42 @@ class DBLogControllerServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_pgcapture_pb2.SetScheduleCoolDownResponse, _abc.Awaitable[_pgcapture_pb2.SetScheduleCoolDownResponse]]: ...
 
+    @_abc_1.abstractmethod
+    def ScheduleDump(
+        self,
+        request: _pgcapture_pb2.ScheduleDumpRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_pgcapture_pb2.DumpStatus, _abc.Awaitable[_pgcapture_pb2.DumpStatus]]:
+        """Additions (docs/dumps.md): dumps scheduled by name, their progress, pause/resume/stop."""
+
+    @_abc_1.abstractmethod
+    def ListDumps(
+        self,
+        request: _pgcapture_pb2.ListDumpsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_pgcapture_pb2.ListDumpsResponse, _abc.Awaitable[_pgcapture_pb2.ListDumpsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def PauseDump(
+        self,
+        request: _pgcapture_pb2.DumpRef,
+        context: _ServicerContext,
+    ) -> _typing.Union[_pgcapture_pb2.DumpStatus, _abc.Awaitable[_pgcapture_pb2.DumpStatus]]: ...
+
+    @_abc_1.abstractmethod
+    def ResumeDump(
+        self,
+        request: _pgcapture_pb2.DumpRef,
+        context: _ServicerContext,
+    ) -> _typing.Union[_pgcapture_pb2.DumpStatus, _abc.Awaitable[_pgcapture_pb2.DumpStatus]]: ...
+
+    @_abc_1.abstractmethod
+    def StopDump(
+        self,
+        request: _pgcapture_pb2.DumpRef,
+        context: _ServicerContext,
+    ) -> _typing.Union[_pgcapture_pb2.DumpStatus, _abc.Awaitable[_pgcapture_pb2.DumpStatus]]: ...
+
 def add_DBLogControllerServicer_to_server(servicer: DBLogControllerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 
 class AgentStub:
@@ -130,6 +178,8 @@ class AgentStub:
     Configure: _grpc.UnaryUnaryMultiCallable[_pgcapture_pb2.AgentConfigRequest, _pgcapture_pb2.AgentConfigResponse]
     Dump: _grpc.UnaryUnaryMultiCallable[_pgcapture_pb2.AgentDumpRequest, _pgcapture_pb2.AgentDumpResponse]
     StreamDump: _grpc.UnaryStreamMultiCallable[_pgcapture_pb2.AgentDumpRequest, _pgcapture_pb2.Change]
+    StreamDumpBatched: _grpc.UnaryStreamMultiCallable[_pgcapture_pb2.AgentDumpRequest, _pgcapture_pb2.DumpRows]
+    """Addition: the same rows, many per message, with the replica position they were read at."""
 
 @_typing.type_check_only
 class AgentAsyncStub(AgentStub):
@@ -137,6 +187,8 @@ class AgentAsyncStub(AgentStub):
     Configure: _aio.UnaryUnaryMultiCallable[_pgcapture_pb2.AgentConfigRequest, _pgcapture_pb2.AgentConfigResponse]  # type: ignore[assignment]
     Dump: _aio.UnaryUnaryMultiCallable[_pgcapture_pb2.AgentDumpRequest, _pgcapture_pb2.AgentDumpResponse]  # type: ignore[assignment]
     StreamDump: _aio.UnaryStreamMultiCallable[_pgcapture_pb2.AgentDumpRequest, _pgcapture_pb2.Change]  # type: ignore[assignment]
+    StreamDumpBatched: _aio.UnaryStreamMultiCallable[_pgcapture_pb2.AgentDumpRequest, _pgcapture_pb2.DumpRows]  # type: ignore[assignment]
+    """Addition: the same rows, many per message, with the replica position they were read at."""
 
 class AgentServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -159,5 +211,13 @@ class AgentServicer(metaclass=_abc_1.ABCMeta):
         request: _pgcapture_pb2.AgentDumpRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_pgcapture_pb2.Change], _abc.AsyncIterator[_pgcapture_pb2.Change]]: ...
+
+    @_abc_1.abstractmethod
+    def StreamDumpBatched(
+        self,
+        request: _pgcapture_pb2.AgentDumpRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_pgcapture_pb2.DumpRows], _abc.AsyncIterator[_pgcapture_pb2.DumpRows]]:
+        """Addition: the same rows, many per message, with the replica position they were read at."""
 
 def add_AgentServicer_to_server(servicer: AgentServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
