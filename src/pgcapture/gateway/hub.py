@@ -47,6 +47,7 @@ from nats.js import JetStreamContext, api
 from pgcapture.checkpoint import Checkpoint
 from pgcapture.errors import ConfigError, SourceError
 from pgcapture.gateway.errors import GatewayError
+from pgcapture.gateway.injection import DUMP_ORDER, DumpChunk, Watch
 from pgcapture.gateway.metrics import GatewayMetrics
 from pgcapture.gateway.records import (
     BEGIN,
@@ -62,6 +63,7 @@ from pgcapture.gateway.resolver import Route
 from pgcapture.log.batch import decode_batch, encode_record
 from pgcapture.log.follow import StreamGap, StreamMissing, locate
 from pgcapture.log.lease import Lease, new_owner_id
+from pgcapture.log.stream import read_tail
 from pgcapture.ops.metrics import commit_time
 
 log = logging.getLogger("pgcapture.gateway")
@@ -91,13 +93,13 @@ class Batch:
 class Item:
     """One change or truncate record on its way to a client."""
 
-    lsn: int
-    seq: int
+    lsn: int  # 0: a dump row
+    seq: int  # a dump row: its dump id
     kind: int
     payload: bytes  # the serialized CaptureMessage
     tables: tuple[tuple[str, str], ...]
-    batch: Batch
-    message: bytes  # the stored Message, for the dead-letter stream
+    batch: Batch | DumpChunk
+    message: bytes  # the stored Message (dead-letter stream); a dump row's Change
     commit_time: float = 0.0  # Unix time of the source commit, when known
     keys: tuple[Key, ...] = ()
     attempts: int = 0  # deliveries by this hub
@@ -130,6 +132,7 @@ class Session:
         self.error: GatewayError | None = None
         self.closed = False  # the client closed its side: no more acknowledgements
         self.next_id = 1
+        self.dump_acks: dict[int, deque[Any]] = {}  # Capture: dump id -> unacked keys, in order
         self._wanted: dict[tuple[int, tuple[tuple[str, str], ...]], bool] = {}
 
     def wants(self, kind: int, tables: tuple[tuple[str, str], ...]) -> bool:
@@ -146,6 +149,8 @@ class Session:
         return wanted
 
     def takes(self, item: Item) -> bool:
+        if not item.lsn:  # a dump row goes to the stream its chunk is for
+            return item.batch.session is self  # type: ignore[union-attr]
         return self.wants(item.kind, item.tables)
 
     def room(self) -> int:
@@ -199,6 +204,9 @@ class Hub:
         self._table_items: Counter[tuple[str, str]] = Counter()  # ordered: unsettled per table
         self._truncating: Counter[tuple[str, str]] = Counter()  # ordered: truncates of it
         self.start_lsn = 0
+        self.taken_lsn = 0  # every stream message up to this commit LSN is taken
+        self._taken = asyncio.Event()  # set whenever taken_lsn moves
+        self._watches: dict[tuple[str, str], list[Watch]] = {}  # tables being dumped
         self.state = "starting"
         self.last_acked_commit = 0.0
         self._times: dict[int, float] = {}  # commit LSN -> commit time, recent transactions
@@ -270,9 +278,11 @@ class Hub:
         session.outbox.clear()
         for item in returned:
             self._unlock(item)
+            if isinstance(item.batch, DumpChunk):
+                self.drop_chunk(item.batch, "the client stream the chunk was sent on ended")
+        returned = [item for item in returned if item.lsn]
         if returned:
-            merged = sorted([*returned, *self.backlog], key=lambda i: (i.lsn, i.seq))
-            self.backlog = deque(merged)
+            self.backlog = deque(sorted([*returned, *self.backlog], key=_order))
         self._count_in_flight()
         self._dispatch()
         if not self.sessions and not self._closing:
@@ -413,6 +423,10 @@ class Hub:
         items: list[Item] = []
         times, sessions = self._times, self.sessions
         decoded = decode_batch(msg.data)
+        if decoded and decoded[-1].lsn > self.taken_lsn:
+            self.taken_lsn = decoded[-1].lsn
+            self._taken.set()
+        watches = self._watches
         last_lsn, lsn_part = -1, b""
         for record in decoded:
             lsn, rseq, message = record.lsn, record.seq, record.message
@@ -440,6 +454,8 @@ class Hub:
             )
             if self.ordered and head.kind == CHANGE:
                 item.keys = change_keys(message, head.body)
+            if watches:
+                self._watched(item, head.body, watches)
             items.append(item)
         if len(times) > 4096:
             for lsn in sorted(times)[:2048]:
@@ -451,6 +467,82 @@ class Hub:
             self._settle_batch(batch)
             return
         self.backlog.extend(items)
+
+    def _watched(self, item: Item, body: int, watches: dict[tuple[str, str], list[Watch]]) -> None:
+        """Tell the watches of the item's tables (chunks being dumped) about it."""
+        for table in item.tables:
+            for watch in watches.get(table, ()):
+                if item.kind != CHANGE:
+                    watch.see_truncate(item.lsn)
+                    continue
+                if not item.keys:
+                    item.keys = change_keys(item.message, body)
+                watch.see_change(item.lsn, item.keys, item.message[body:])
+
+    # -- dumps (gateway/injection.py) ---------------------------------------------------
+
+    def watch(self, table: tuple[str, str]) -> Watch:
+        watch = Watch(table)
+        self._watches.setdefault(table, []).append(watch)
+        return watch
+
+    def unwatch(self, watch: Watch) -> None:
+        watches = self._watches.get(watch.table, [])
+        if watch in watches:
+            watches.remove(watch)
+        if not watches:
+            self._watches.pop(watch.table, None)
+
+    async def reach(self, lsn: int, within: float) -> bool:
+        """Wait until every stream message up to commit ``lsn`` is taken; False on timeout.
+        A consumer with nothing pending has passed everything its stream holds."""
+        deadline = time.monotonic() + within
+        while self.taken_lsn < lsn:
+            left = deadline - time.monotonic()
+            if left <= 0 or self.state == "failed":
+                return False
+            await self._caught_up()
+            if self.taken_lsn >= lsn:
+                break
+            self._taken.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._taken.wait(), min(left, 0.5))
+        return True
+
+    async def _caught_up(self) -> None:
+        """When JetStream has nothing left to deliver to this URI, everything up to the
+        stream's last record is passed (the tail is read first: nothing can slip between)."""
+        stream = self.route.stream
+        with contextlib.suppress(Exception):
+            tail = await read_tail(self.js, stream)
+            info = await self.js.consumer_info(stream, self.settings.consumer_name)
+            if (
+                not info.num_pending
+                and tail.checkpoint is not None
+                and tail.checkpoint.lsn > self.taken_lsn
+            ):
+                self.taken_lsn = tail.checkpoint.lsn
+
+    def inject(self, items: list[Item]) -> None:
+        """Dump rows join the backlog behind everything taken so far."""
+        self.backlog.extend(items)
+        self._dispatch()
+
+    def drop_chunk(self, chunk: DumpChunk, reason: str) -> None:
+        """The chunk is requeued: its rows not sent yet are withdrawn, its locks released."""
+        if chunk.finished:
+            return
+        chunk.finish(reason)
+        mine = [item for item in self.backlog if item.batch is chunk]
+        if mine:
+            self.backlog = deque(item for item in self.backlog if item.batch is not chunk)
+        outbox = chunk.session.outbox
+        queued = [item for item in outbox if item.batch is chunk]
+        if queued:
+            chunk.session.outbox = deque(item for item in outbox if item.batch is not chunk)
+        for item in (*mine, *queued):
+            self._unlock(item)
+        self._dispatch()
 
     # -- handing items to clients -------------------------------------------------------
 
@@ -571,7 +663,15 @@ class Hub:
             session.next_id += len(items)
         else:
             for item in items:
-                session.unacked[(item.lsn, item.seq)] = item
+                if item.lsn:
+                    session.unacked[(item.lsn, item.seq)] = item
+                    continue
+                # Dump rows share their checkpoint (lsn 0, the dump id): they are
+                # acknowledged in the order they were sent.
+                key = (0, item.seq, session.next_id)
+                session.next_id += 1
+                session.unacked[key] = item
+                session.dump_acks.setdefault(item.seq, deque()).append(key)
         return first
 
     # -- acknowledgements ---------------------------------------------------------------
@@ -593,6 +693,10 @@ class Hub:
         self._dispatch()
 
     def _requeue(self, item: Item, reason: str) -> None:
+        if isinstance(item.batch, DumpChunk):  # the controller requeues the whole chunk
+            self._unlock(item)
+            self.drop_chunk(item.batch, reason)
+            return
         s = self.settings
         item.reason = reason
         attempts = (
@@ -618,8 +722,12 @@ class Hub:
 
     def _settle(self, item: Item) -> None:
         self._unlock(item)
-        item.batch.acked.add(item.seq)
-        self._release(item.batch)
+        batch = item.batch
+        if isinstance(batch, DumpChunk):
+            batch.settled()
+            return
+        batch.acked.add(item.seq)
+        self._release(batch)
 
     def _release(self, batch: Batch) -> None:
         """One more item of ``batch`` is settled or requeued; when none is left, the message
@@ -673,7 +781,7 @@ class Hub:
                 "Pgcapture-Uri": self.route.uri,
                 "Pgcapture-Checkpoint": item.checkpoint.key(),
                 "Pgcapture-Stream": self.route.stream,
-                "Pgcapture-Stream-Seq": str(item.batch.seq),
+                "Pgcapture-Stream-Seq": str(getattr(item.batch, "seq", 0)),
                 "Pgcapture-Deliveries": str(attempts),
                 "Pgcapture-Reason": " ".join(item.reason.split())[:1024],
             }
@@ -760,6 +868,13 @@ class Hub:
             "requeued": len(self.retry),
             "held_messages": len(self.held),
         }
+
+
+def _order(item: Item) -> tuple[int, int]:
+    """Backlog order: stream order; a dump row right after the position it was read at."""
+    if item.lsn:
+        return item.lsn, item.seq
+    return item.batch.lsn if isinstance(item.batch, DumpChunk) else 0, DUMP_ORDER
 
 
 def _unavailable(message: str) -> GatewayError:

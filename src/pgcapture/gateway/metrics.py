@@ -46,6 +46,15 @@ class GatewayMetrics:
             uri,
             registry=r,
         )
+        self.dump_rows = Counter(
+            f"{ns}_dump_rows", "Dump rows acknowledged by clients", uri, registry=r
+        )
+        self.dump_chunks = Counter(
+            f"{ns}_dump_chunks",
+            "Dump chunks finished, by outcome (done, requeued)",
+            ["uri", "outcome"],
+            registry=r,
+        )
         self.errors = Counter(
             f"{ns}_errors", "Client streams ended by an error", ["uri", "code"], registry=r
         )

@@ -28,6 +28,7 @@ import grpc
 from nats.js import JetStreamContext
 
 from pgcapture.config import GatewayConfig
+from pgcapture.gateway.dumps import Channels, DumpFeed
 from pgcapture.gateway.errors import GatewayError
 from pgcapture.gateway.hub import Hub, Item, Session
 from pgcapture.gateway.metrics import GatewayMetrics
@@ -65,6 +66,7 @@ class GatewayService:
         self._hubs: dict[str, Hub] = {}
         self._available = True
         self._closing: set[asyncio.Task[None]] = set()
+        self._channels = Channels()
 
     def rpc_handler(self) -> grpc.GenericRpcHandler:
         def method(behaviour: Any) -> grpc.RpcMethodHandler:
@@ -95,6 +97,7 @@ class GatewayService:
         await asyncio.gather(*(hub.close() for hub in hubs), return_exceptions=True)
         if self._closing:
             await asyncio.wait(set(self._closing), timeout=10.0)
+        await self._channels.close()
 
     # -- streams ------------------------------------------------------------------------
 
@@ -105,6 +108,7 @@ class GatewayService:
         hub: Hub | None = None
         session: Session | None = None
         reader: asyncio.Task[None] | None = None
+        feed: asyncio.Task[None] | None = None
         try:
             init = await _first(requests)
             uri = init.uri
@@ -121,15 +125,18 @@ class GatewayService:
             session = hub.attach(f"{principal}@{context.peer()}", regex, batched, window)
             log.info("uri %s: client %s attached", uri, session.name)
             reader = asyncio.create_task(_read_acks(requests, session))
+            if self._settings.controller and route.settings.dumper:
+                feed = asyncio.create_task(self._feed(hub, session).run(), name=f"dumps {uri}")
             await self._write(context, hub, session)
         except GatewayError as exc:
             self._metrics.errors.labels(uri=uri or "?", code=exc.code.name).inc()
             await context.abort(exc.code, exc.message)
         finally:
-            if reader is not None:
-                reader.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await reader
+            for task in (feed, reader):
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await task
             if hub is not None and session is not None:
                 hub.detach(session)
                 log.info("uri %s: client %s detached", uri, session.name)
@@ -152,6 +159,11 @@ class GatewayService:
             else:
                 for item in items:
                     await context.write(item.payload)
+
+    def _feed(self, hub: Hub, session: Session) -> DumpFeed:
+        s = self._settings
+        dumper = hub.route.settings.dumper
+        return DumpFeed(hub, session, self._channels, s.controller, dumper, s.dump_wait)
 
     def _hub(self, route: Route) -> Hub:
         hub = self._hubs.get(route.uri)
@@ -254,7 +266,13 @@ def _by_checkpoint(session: Session, ack: pb.CaptureAck) -> list[Item]:
             _INVALID, "CaptureBatched is acknowledged with ack_range (delivery ids), not ack"
         )
     checkpoint = ack.checkpoint
-    item = session.unacked.pop((checkpoint.lsn, checkpoint.seq), None)
+    if not checkpoint.lsn:  # a dump row: rows of one chunk are acknowledged in order
+        sent = session.dump_acks.get(checkpoint.seq)
+        item = session.unacked.pop(sent.popleft(), None) if sent else None
+        if sent is not None and not sent:
+            del session.dump_acks[checkpoint.seq]
+    else:
+        item = session.unacked.pop((checkpoint.lsn, checkpoint.seq), None)
     if item is None:
         raise GatewayError(
             _STALE,
