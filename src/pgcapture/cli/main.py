@@ -13,6 +13,9 @@ import click
 from pgcapture import __version__
 from pgcapture.cli.bootstrap import bootstrap
 from pgcapture.cli.capture import capture
+from pgcapture.cli.controller import controller
+from pgcapture.cli.dump import dump
+from pgcapture.cli.dumper import dumper
 from pgcapture.cli.gateway import gateway
 from pgcapture.cli.quickstart import quickstart
 from pgcapture.cli.replicate import replicate
@@ -32,6 +35,9 @@ cli.add_command(capture)
 cli.add_command(bootstrap)
 cli.add_command(replicate)
 cli.add_command(gateway)
+cli.add_command(controller)
+cli.add_command(dump)
+cli.add_command(dumper)
 
 
 def main() -> None:
