@@ -29,10 +29,17 @@ import grpc
 from pgcapture.backoff import Backoff
 from pgcapture.dump.chunks import describe, dump_id
 from pgcapture.gateway.hub import Hub, Item, Session
-from pgcapture.gateway.injection import DumpChunk, RowFilter, dump_payload, row_keys
+from pgcapture.gateway.injection import (
+    DumpChunk,
+    RowFilter,
+    dump_payload,
+    payload_head,
+    row_keys,
+)
 from pgcapture.gateway.records import CHANGE
 from pgcapture.lsn import format_lsn
 from pgcapture.proto import pb
+from pgcapture.wire import varint
 
 log = logging.getLogger("pgcapture.gateway")
 
@@ -197,24 +204,30 @@ class DumpFeed:
             state.finish("")
 
     def _items(self, rows: pb.DumpRows, state: DumpChunk, keep: RowFilter) -> list[Item]:
-        ordered = self.hub.ordered
-        table = ((state.info.schema, state.info.table),)
-        out: list[Item] = []
+        """The rows still worth sending, as hub items (payloads built, not flagged last)."""
         if keep.all_stale:
-            return out  # a truncate after the read position: the stream has the newer state
+            return []  # a truncate after the read position: the stream has the newer state
+        table = ((state.info.schema, state.info.table),)
+        head, dump = payload_head(state.dump_id, False), state.dump_id
+        if not (self.hub.ordered or keep.needs_keys):  # nothing to hold back or drop by key
+            return [
+                Item(0, dump, CHANGE, head + varint(len(c)) + c, table, state, c)
+                for c in rows.changes
+            ]
+        out: list[Item] = []
         for change in rows.changes:
-            keys = row_keys(change) if ordered or keep.needs_keys else ()
-            if keys and not keep.keeps(keys, change):
+            keys = row_keys(change)
+            if not keep.keeps(keys, change):
                 continue
-            if keys and not keys[0][2]:
+            if not keys[0][2]:
                 keys = ()  # a keyless row locks nothing (its table is its only identity)
-            out.append(Item(0, state.dump_id, CHANGE, b"", table, state, change, keys=keys))
+            payload = head + varint(len(change)) + change
+            out.append(Item(0, dump, CHANGE, payload, table, state, change, keys=keys))
         return out
 
     def _send(self, items: list[Item], state: DumpChunk, last: bool) -> None:
-        dump = state.dump_id
-        for item in items:
-            item.payload = dump_payload(dump, item.message, last)
+        if last:
+            items[-1].payload = dump_payload(state.dump_id, items[-1].message, True)
         state.pending += len(items)
         self.hub.inject(items)
 

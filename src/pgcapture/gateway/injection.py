@@ -173,10 +173,13 @@ def change_op(change: bytes) -> int:
     return change[1] if change[:1] == b"\x08" else pb.Change.INSERT
 
 
-def dump_payload(dump_id: int, change: bytes, last: bool) -> bytes:
-    """The serialized ``CaptureMessage`` of a dump row: checkpoint lsn 0, seq = the dump id,
-    data [1] on the chunk's last row."""
+def payload_head(dump_id: int, last: bool) -> bytes:
+    """The bytes of a dump row's ``CaptureMessage`` before its change's length: the checkpoint
+    (lsn 0, seq = the dump id, data [1] on the chunk's last row) and the change's tag."""
     checkpoint = (b"\x10" + varint(dump_id) if dump_id else b"") + (_LAST if last else b"")
-    return b"".join(
-        (b"\x0a", varint(len(checkpoint)), checkpoint, b"\x12", varint(len(change)), change)
-    )
+    return b"\x0a" + varint(len(checkpoint)) + checkpoint + b"\x12"
+
+
+def dump_payload(dump_id: int, change: bytes, last: bool) -> bytes:
+    """The serialized ``CaptureMessage`` of a dump row."""
+    return payload_head(dump_id, last) + varint(len(change)) + change
