@@ -271,3 +271,55 @@ async def _schedule_when_up(config: Config, uri: str, table: str) -> str:
                 if exc.code() != grpc.StatusCode.UNAVAILABLE:
                     raise
                 await asyncio.sleep(0.2)
+
+
+@pytest.mark.timeout(180)
+async def test_rows_by_key_and_a_table_without_a_key_are_dumped(
+    source_dsn: str, replica_dsn: str, nats: LocalNats, dbname: str
+) -> None:
+    config = dump_config(source_dsn, replica_dsn, nats.url, f"src_{dbname}", app={})
+    await start_from_scratch(config)
+    async with running(config, "replicate", "dumper", "controller", "gateway") as services:
+        await run_sql(
+            source_dsn,
+            *ITEMS,
+            "CREATE TABLE events (id int, version int, payload text)",  # no key at all
+            "INSERT INTO events SELECT g % 50, 1, 'same' FROM generate_series(1, 200) g",
+        )
+        await replica_has(replica_dsn, "events", 200)
+        await replica_has(replica_dsn, "items", KEYS)
+        state = Materialized()
+        seen: list[pb.CaptureMessage] = []
+        decide = state.decide
+
+        def keep(message: pb.CaptureMessage) -> str:
+            seen.append(message)
+            return decide(message)
+
+        state.decide = keep  # type: ignore[method-assign]
+        consumer = Consumer(services.gateway, "app", state).start()
+        try:
+            await asyncio.sleep(1.0)
+            channel, stub = controller_stub(config)
+            async with channel:
+                keyed = await stub.ScheduleDump(
+                    pb.ScheduleDumpRequest(
+                        uri="app", tables=["public.items"], keys=['{"id": 7}', '{"id": 2999}']
+                    )
+                )
+                keyless = await stub.ScheduleDump(
+                    pb.ScheduleDumpRequest(uri="app", tables=["public.events"])
+                )
+            await wait_for_dump(config, "app", keyed.id)
+            await wait_for_dump(config, "app", keyless.id)
+        finally:
+            await consumer.stop()
+    dumped = [m for m in seen if m.checkpoint.lsn == 0]
+    items = sorted(
+        int.from_bytes(m.change.new[0].binary, "big") for m in dumped if m.change.table == "items"
+    )
+    assert items == [7, 2999]
+    events = [m for m in dumped if m.change.table == "events"]
+    assert len(events) == 200  # every row, equal ones included
+    assert not any(f.key for m in events for f in m.change.new)
+    assert [m.checkpoint.data for m in dumped].count(b"\x01") == 2  # one last row per chunk

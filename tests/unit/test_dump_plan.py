@@ -13,7 +13,6 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pgcapture.dump.chunks import LAST_PAGE
-from pgcapture.dump.controller import requeue_delay
 from pgcapture.dump.plan import (
     DumpRefused,
     TableSize,
@@ -23,6 +22,7 @@ from pgcapture.dump.plan import (
     pages_per_chunk,
     parse_table_name,
 )
+from pgcapture.dump.scheduler import requeue_delay
 from pgcapture.dump.store import Chunk, ChunkRecord, Dump, DumpRecord, chunk_key, new_dump_id
 
 
