@@ -49,6 +49,7 @@ from pgcapture.dump.dumper import (
 )
 from pgcapture.errors import ConfigError, PgCaptureError
 from pgcapture.ops.http import OpsServer, ServiceStatus
+from pgcapture.ops.serving import bind
 from pgcapture.proto import pb
 from pgcapture.wire import field_varint, varint
 
@@ -196,23 +197,6 @@ def replica_source(config: Config) -> SourceConfig:
     return source
 
 
-def _bind(server: grpc.aio.Server, listen: str) -> str:
-    """Bind ``listen`` (``HOST:PORT``, ``:PORT`` for every interface, or ``unix:PATH``)."""
-    target = "[::]" + listen if listen.startswith(":") else listen
-    try:
-        port = server.add_insecure_port(target)
-    except RuntimeError:
-        port = 0
-    if not port:
-        raise ConfigError(
-            f"cannot listen on {listen!r} for the dumper (in use, not a local address, or not "
-            'HOST:PORT); choose another dumper.listen, e.g. "127.0.0.1:10003", or --listen'
-        )
-    if target.startswith("unix:"):
-        return target
-    return f"{target.rpartition(':')[0]}:{port}"
-
-
 async def _start_server(
     listen: str, service: AgentService
 ) -> tuple[grpc.aio.Server, health.aio.HealthServicer, str]:
@@ -223,7 +207,7 @@ async def _start_server(
         health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
         names = (SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)
         reflection.enable_server_reflection(names, server)
-        address = _bind(server, listen)
+        address = bind(server, listen, "dumper.listen", "127.0.0.1:10003")
         await server.start()
         for name in ("", SERVICE):
             await servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

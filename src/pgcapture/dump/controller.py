@@ -49,9 +49,9 @@ from pgcapture.dump.store import (
     UriRecord,
     new_dump_id,
 )
-from pgcapture.errors import ConfigError
-from pgcapture.log.client import connect_nats
+from pgcapture.log.client import connect_until_stopped
 from pgcapture.ops.http import OpsServer, ServiceStatus
+from pgcapture.ops.serving import bind
 from pgcapture.proto import pb
 
 log = logging.getLogger("pgcapture.controller")
@@ -355,44 +355,6 @@ def _unary(call: Callable[[Any], Awaitable[Any]], kind: type[Any]) -> grpc.RpcMe
 # -- the server -----------------------------------------------------------------------------
 
 
-def _bind(server: grpc.aio.Server, listen: str) -> str:
-    """Bind ``listen`` (``HOST:PORT``, ``:PORT`` for every interface); the bound address."""
-    target = "[::]" + listen if listen.startswith(":") else listen
-    try:
-        port = server.add_insecure_port(target)
-    except RuntimeError:
-        port = 0
-    if not port:
-        raise ConfigError(
-            f"cannot listen on {listen!r} for the controller (in use, not a local address, or "
-            'not HOST:PORT); choose another controller.listen, e.g. "0.0.0.0:10002", or --listen'
-        )
-    return f"{target.rpartition(':')[0]}:{port}"
-
-
-async def _connect(config: Config, status: ServiceStatus, stop: asyncio.Event) -> NATS | None:
-    """Connect (waiting as long as it takes for a server); None when ``stop`` comes first."""
-
-    def lost() -> None:
-        status.set("retrying", ConnectionError("lost the NATS connection; reconnecting"))
-
-    connecting = asyncio.ensure_future(
-        connect_nats(
-            config.nats, lost, reconnect_forever=True, on_reconnected=lambda: status.set("running")
-        )
-    )
-    stopping = asyncio.ensure_future(stop.wait())
-    try:
-        await asyncio.wait((connecting, stopping), return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        stopping.cancel()
-        if not connecting.done():
-            connecting.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await connecting
-    return None if connecting.cancelled() else connecting.result()
-
-
 async def serve_controller(
     config: Config,
     stop: asyncio.Event,
@@ -418,9 +380,16 @@ async def serve_controller(
             stack.push_async_callback(ops.close)
         server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         stack.push_async_callback(server.stop, None)
-        address = _bind(server, config.controller.listen)
+        address = bind(server, config.controller.listen, "controller.listen", "0.0.0.0:10002")
         instance = instance or f"{socket.gethostname()}:{address.rpartition(':')[2]}"
-        nc = await _connect(config, status, stop)
+        nc = await connect_until_stopped(
+            config.nats,
+            stop,
+            lambda: status.set(
+                "retrying", ConnectionError("lost the NATS connection; reconnecting")
+            ),
+            lambda: status.set("running"),
+        )
         if nc is None:
             return
         stack.push_async_callback(nc.close)

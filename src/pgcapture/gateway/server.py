@@ -26,13 +26,14 @@ from grpc_reflection.v1alpha import reflection
 from nats.aio.client import Client as NATS
 
 from pgcapture.config import Config, GatewayConfig
-from pgcapture.errors import ConfigError, ConnectionLost
+from pgcapture.errors import ConnectionLost
 from pgcapture.gateway.metrics import GatewayMetrics
 from pgcapture.gateway.resolver import ConfigResolver, Resolver
 from pgcapture.gateway.security import Authorizer, check_security, server_credentials
 from pgcapture.gateway.service import GatewayService
-from pgcapture.log.client import connect_nats
+from pgcapture.log.client import connect_until_stopped
 from pgcapture.ops.http import OpsServer, ServiceStatus
+from pgcapture.ops.serving import bind
 from pgcapture.proto import pb
 
 log = logging.getLogger("pgcapture.gateway")
@@ -96,34 +97,13 @@ async def build_server(
         health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
         names = (GATEWAY_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)
         reflection.enable_server_reflection(names, server)
-        address = _bind(server, settings.listen, credentials)
+        address = bind(server, settings.listen, "gateway.listen", "0.0.0.0:10001", credentials)
         gateway = GatewayServer(server, servicer, address)
         await gateway.set_serving(False)
     except BaseException:
         await server.stop(None)
         raise
     return gateway
-
-
-def _bind(server: grpc.aio.Server, listen: str, credentials: grpc.ServerCredentials | None) -> str:
-    """Bind ``listen`` (``HOST:PORT``, ``:PORT`` for every interface, or ``unix:PATH``)."""
-    target = "[::]" + listen if listen.startswith(":") else listen
-    try:
-        if credentials is None:
-            port = server.add_insecure_port(target)
-        else:
-            port = server.add_secure_port(target, credentials)
-    except RuntimeError:
-        port = 0
-    if not port:
-        raise ConfigError(
-            f"cannot listen on {listen!r} for the gateway (in use, not a local address, or not "
-            'HOST:PORT); choose another gateway.listen, e.g. "0.0.0.0:10001" or --listen'
-        )
-    if target.startswith("unix:"):
-        return target
-    host = target.rpartition(":")[0]
-    return f"{host}:{port}"
 
 
 class _NatsLink:
@@ -159,23 +139,6 @@ class _NatsLink:
             await server.set_serving(self.connected)
             await self._changed.wait()
             self._changed.clear()
-
-
-async def _connect(config: Config, link: _NatsLink, stop: asyncio.Event) -> NATS | None:
-    """Connect (waiting as long as it takes for a server); None when ``stop`` comes first."""
-    connecting = asyncio.ensure_future(
-        connect_nats(config.nats, link.lost, reconnect_forever=True, on_reconnected=link.back)
-    )
-    stopping = asyncio.ensure_future(stop.wait())
-    try:
-        await asyncio.wait((connecting, stopping), return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        stopping.cancel()
-        if not connecting.done():
-            connecting.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await connecting
-    return None if connecting.cancelled() else connecting.result()
 
 
 def _health(
@@ -215,7 +178,7 @@ async def serve_gateway(
         if config.metrics.listen:
             await ops.start(config.metrics.listen)
             stack.push_async_callback(ops.close)
-        nc = await _connect(config, link, stop)
+        nc = await connect_until_stopped(config.nats, stop, link.lost, link.back)
         if nc is None:
             status.set("stopped")
             return

@@ -13,6 +13,8 @@ the log is out of reach instead of exiting.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -105,3 +107,26 @@ def _describe(exc: Exception) -> str:
     if isinstance(exc, nats.errors.AuthorizationError):
         return "the server refused the credentials (check [nats] user, password, token or creds)"
     return str(exc) or type(exc).__name__
+
+
+async def connect_until_stopped(
+    cfg: NatsConfig,
+    stop: asyncio.Event,
+    on_lost: Callable[[], None],
+    on_reconnected: Callable[[], None],
+) -> NATS | None:
+    """Connect, waiting as long as it takes for a server and reconnecting forever after; None
+    when ``stop`` comes first (the services' way to start before NATS is up)."""
+    connecting = asyncio.ensure_future(
+        connect_nats(cfg, on_lost, reconnect_forever=True, on_reconnected=on_reconnected)
+    )
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait((connecting, stopping), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopping.cancel()
+        if not connecting.done():
+            connecting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await connecting
+    return None if connecting.cancelled() else connecting.result()
