@@ -9,7 +9,7 @@ import contextlib
 import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,13 +44,14 @@ def gateway_config(dsn: str, nats_url: str, source: str, **uris: dict[str, Any])
 
 
 @contextlib.asynccontextmanager
-async def running_gateway(config: Config, **kwargs: Any) -> AsyncIterator[str]:
-    """A gateway serving ``config`` in this process; yields its address."""
+async def serving(
+    serve: Callable[..., Awaitable[None]], config: Config, **kwargs: Any
+) -> AsyncIterator[str]:
+    """``serve(config, stop, ready=..., **kwargs)`` (the gateway, controller or dumper) in
+    this process until the block ends; yields the address it bound."""
     stop = asyncio.Event()
     bound: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-    task = asyncio.create_task(
-        serve_gateway(config, stop, ready=lambda a: bound.set_result(a), **kwargs)
-    )
+    task = asyncio.create_task(serve(config, stop, ready=bound.set_result, **kwargs))
     try:
         done, _ = await asyncio.wait({task, bound}, timeout=30, return_when="FIRST_COMPLETED")
         if task in done:
@@ -59,6 +60,11 @@ async def running_gateway(config: Config, **kwargs: Any) -> AsyncIterator[str]:
     finally:
         stop.set()
         await asyncio.wait_for(task, 30)
+
+
+def running_gateway(config: Config, **kwargs: Any) -> contextlib.AbstractAsyncContextManager[str]:
+    """A gateway serving ``config`` in this process; yields its address."""
+    return serving(serve_gateway, config, **kwargs)
 
 
 @contextlib.asynccontextmanager

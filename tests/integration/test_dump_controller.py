@@ -22,6 +22,7 @@ from typing import Any
 import grpc
 import psycopg
 import pytest
+from gateway_helpers import serving
 from google.protobuf.duration_pb2 import Duration
 from log_helpers import http_get, poll, run_sql
 
@@ -85,21 +86,10 @@ def controller_config(nats_url: str, replica: str, **controller: Any) -> Config:
     return validate_config(controller_settings(nats_url, replica, **controller))
 
 
-@contextlib.asynccontextmanager
-async def running_controller(config: Config, instance: str | None = None) -> AsyncIterator[str]:
-    stop = asyncio.Event()
-    bound: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-    task = asyncio.create_task(
-        serve_controller(config, stop, ready=bound.set_result, instance=instance)
-    )
-    try:
-        done, _ = await asyncio.wait({task, bound}, timeout=30, return_when="FIRST_COMPLETED")
-        if task in done:
-            task.result()
-        yield bound.result()
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 30)
+def running_controller(
+    config: Config, instance: str | None = None
+) -> contextlib.AbstractAsyncContextManager[str]:
+    return serving(serve_controller, config, instance=instance)
 
 
 @contextlib.asynccontextmanager
