@@ -67,6 +67,8 @@ def bootstrap(
           --source-dsn "host=primary dbname=app"
       pgcapture bootstrap --config pgcapture.toml --source app \\
           --dsn "host=replica dbname=app" --from snapshot
+      pgcapture bootstrap --config pgcapture.toml --source app \\
+          --dsn "host=replica dbname=app" --from snapshot --replace
     """
     config = load_config(config_path, os.environ)
     if source in config.sources or source_dsn is not None:

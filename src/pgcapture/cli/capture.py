@@ -75,6 +75,11 @@ def capture(
     Examples:
       pgcapture capture --dsn "host=/tmp dbname=app" --nats nats://127.0.0.1:4222 --source app
       pgcapture capture --config pgcapture.toml --source app --metrics-listen :9187
+      pgcapture capture --config pgcapture.toml --source app --tables public.orders,public.users
+      pgcapture capture --config pgcapture.toml --source app --replicas 3 --max-age 7d \\
+          --max-bytes 200GiB
+      pgcapture capture --config pgcapture.toml --source app --lock-wait 30s \\
+          --set sources.app.batch.linger=10ms
     """
     name = pick_source(config_path, source)
     if flags.get("replicas"):

@@ -52,6 +52,7 @@ def controller(
     Examples:
       pgcapture controller --config pgcapture.toml --metrics-listen :9190
       pgcapture controller --config pgcapture.toml --listen 0.0.0.0:10002 --instance ctl-a
+      pgcapture controller --config pgcapture.toml --set controller.chunk_rows=50000
     """
     overrides = {**service_overrides(flags), "controller.listen": flags["listen"]}
     config = load_config(config_path, os.environ, with_settings(overrides, settings))

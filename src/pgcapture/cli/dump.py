@@ -129,6 +129,14 @@ def dump() -> None:
 
     A client of `pgcapture controller`: it is found at --controller, else gateway.controller,
     else controller.listen of the configuration (--config or $PGCAPTURE_CONFIG).
+
+    \b
+    Examples:
+      pgcapture dump schedule --uri orders --table public.orders --watch
+      pgcapture dump status --all
+      pgcapture dump pause --uri orders 5f1c2a
+      pgcapture dump resume --uri orders 5f1c2a
+      pgcapture dump stop --uri orders 5f1c2a --controller 10.0.0.5:10002
     """
 
 
@@ -171,6 +179,8 @@ def schedule(
       pgcapture dump schedule --uri orders --table public.orders --watch
       pgcapture dump schedule --uri orders --table public.orders --key '{"id": 42}'
       pgcapture dump schedule --uri orders --chunk-pages 1024 --cool-down 500ms
+      pgcapture dump schedule --uri orders --table public.orders --table public.items \\
+          --controller 10.0.0.5:10002 --timeout 30
     """
     request = schedule_request(uri, tables, keys, chunk_pages, cool_down)
 
@@ -210,6 +220,7 @@ def status(
       pgcapture dump status
       pgcapture dump status --uri orders --all --json
       pgcapture dump status 5f1c2a --watch
+      pgcapture dump status --config pgcapture.toml --uri orders
     """
     if watch and as_json:
         raise click.UsageError("--watch and --json do not combine; poll with --json instead")
@@ -245,7 +256,11 @@ def _print_statuses(statuses: Sequence[pb.DumpStatus], as_json: bool, everything
 def _action(name: str, method: str, summary: str) -> click.Command:
     """``pause``, ``resume`` or ``stop``: call ``method`` and print the dump's new state."""
 
-    @click.command(name, help=f"{summary}\n\nExample: pgcapture dump {name} --uri orders ID")
+    @click.command(
+        name,
+        help=f"{summary}\n\n\b\nExamples:\n  pgcapture dump {name} --uri orders 5f1c2a\n"
+        f"  pgcapture dump {name} --uri orders 5f1c2a --controller 10.0.0.5:10002",
+    )
     @click.argument("dump_id", metavar="ID")
     @click.option("--uri", required=True, help="The URI the dump was scheduled for.")
     @_controller_options

@@ -51,6 +51,7 @@ def dumper(config_path: Path | None, settings: tuple[str, ...], **flags: Any) ->
     Examples:
       pgcapture dumper --config pgcapture.toml --source app
       pgcapture dumper --config pgcapture.toml --listen 0.0.0.0:10003 --metrics-listen :9190
+      pgcapture dumper --config pgcapture.toml --source app --set dumper.batch_rows=2000
     """
     config = load_config(config_path, os.environ, _overrides(flags, settings))
     run_service(config, lambda stop: serve_dumper(config, stop))

@@ -75,6 +75,7 @@ def gateway(
       pgcapture gateway --config pgcapture.toml --listen 0.0.0.0:10001 --set log.level=debug
       pgcapture gateway --config pgcapture.toml --insecure --listen 127.0.0.1:10001
       pgcapture gateway --config pgcapture.toml --resolver myapp.cdc:resolver
+      pgcapture gateway --config pgcapture.toml --nats nats://nats-1:4222,nats://nats-2:4222
     """
     config = load_config(config_path, os.environ, _overrides(flags, settings))
     resolver = load_resolver(resolver_spec, config) if resolver_spec else None

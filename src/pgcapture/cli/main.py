@@ -19,7 +19,9 @@ from pgcapture.cli.dumper import dumper
 from pgcapture.cli.gateway import gateway
 from pgcapture.cli.quickstart import quickstart
 from pgcapture.cli.replicate import replicate
+from pgcapture.cli.status import status
 from pgcapture.cli.tail import tail
+from pgcapture.cli.version import version
 from pgcapture.errors import PgCaptureError
 
 
@@ -38,6 +40,8 @@ cli.add_command(gateway)
 cli.add_command(controller)
 cli.add_command(dump)
 cli.add_command(dumper)
+cli.add_command(status)
+cli.add_command(version)
 
 
 def main() -> None:

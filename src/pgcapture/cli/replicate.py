@@ -74,6 +74,11 @@ def replicate(
     Examples:
       pgcapture replicate --nats nats://127.0.0.1:4222 --source app --dsn "dbname=replica"
       pgcapture replicate --config pgcapture.toml --source app --metrics-listen :9188
+      pgcapture replicate --config pgcapture.toml --source app --max-changes 5000 \\
+          --max-delay 200ms
+      pgcapture replicate --config pgcapture.toml --source app --skip-ddl 42
+      pgcapture replicate --nats nats://127.0.0.1:4222 --source app --dsn "dbname=replica" \\
+          --from-start
     """
     name = pick_source(config_path, source)
     config = load_config(config_path, os.environ, _overrides(name, flags, settings))

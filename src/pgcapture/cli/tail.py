@@ -91,6 +91,7 @@ def tail(
     Examples:
       pgcapture tail --dsn "host=/tmp dbname=app" --slot debug --temporary
       pgcapture tail --dsn postgresql://cdc@db/app --slot app --tables public.orders,public.users
+      pgcapture tail --dsn "dbname=app" --slot audit --publication audit --status-interval 1
     """
     table_list = [t.strip() for t in tables.split(",") if t.strip()] if tables else None
     reader = SlotReader(dsn, slot, publication, table_list, temporary, status_interval)
