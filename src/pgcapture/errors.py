@@ -50,6 +50,10 @@ class SlotInUse(SourceError):
     """The replication slot is being read by another process."""
 
 
+class SlotLost(SourceError):
+    """The replication slot was invalidated: the source's WAL it needed is gone."""
+
+
 class ProtocolError(PgCaptureError):
     """Bytes from the server do not follow the protocol."""
 

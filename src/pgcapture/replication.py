@@ -32,7 +32,14 @@ from typing import Any, Final
 import psycopg
 from psycopg import pq
 
-from pgcapture.errors import ConnectionLost, PermissionDenied, ProtocolError, SlotInUse, SourceError
+from pgcapture.errors import (
+    ConnectionLost,
+    PermissionDenied,
+    ProtocolError,
+    SlotInUse,
+    SlotLost,
+    SourceError,
+)
 from pgcapture.lsn import LSN, format_lsn
 
 _DATA_START: Final = struct.Struct(">Q")  # XLogData: data start (then WAL end, send time)
@@ -275,6 +282,16 @@ def _translate_connect_error(exc: psycopg.OperationalError) -> Exception:
     return ConnectionLost(f"cannot open a replication connection: {text.strip()}")
 
 
+def _slot_invalidated(exc: psycopg.Error) -> bool:
+    """PostgreSQL refuses to read an invalidated slot (55000, object not in prerequisite
+    state): "cannot read from logical replication slot" (14, 15) or "can no longer get
+    changes from replication slot" (16+), with a detail saying it has been invalidated."""
+    if getattr(exc, "sqlstate", None) != "55000":
+        return False
+    detail = getattr(exc.diag, "message_detail", None) or ""
+    return "invalidated" in detail or "can no longer get changes" in str(exc)
+
+
 def _translate_stream_error(exc: psycopg.Error, slot: str | None) -> Exception:
     text = str(exc).strip()
     sqlstate = getattr(exc, "sqlstate", None)
@@ -284,6 +301,17 @@ def _translate_stream_error(exc: psycopg.Error, slot: str | None) -> Exception:
         )
     if "wal_level" in text:
         return SourceError(f"{text}; set wal_level=logical and restart the server")
+    if _slot_invalidated(exc):
+        detail = (getattr(exc.diag, "message_detail", None) or "").strip()
+        name = slot or "NAME"
+        return SlotLost(
+            f"{text}{f' ({detail})' if detail else ''}: the server removed WAL that slot "
+            f"{name!r} still needed (it fell behind max_slot_wal_keep_size), so changes since "
+            f"its position can no longer be read; drop the slot (SELECT "
+            f"pg_drop_replication_slot('{name}')), start capture again to create a new one, "
+            "then bootstrap the replicas again (`pgcapture bootstrap`) and re-dump the "
+            "consumers' tables (`pgcapture dump schedule`); docs/operations.md has the steps"
+        )
     if isinstance(exc, psycopg.OperationalError):
         return ConnectionLost(f"replication connection failed: {text}")
     if sqlstate == "XX000":

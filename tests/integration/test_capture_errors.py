@@ -6,7 +6,8 @@ import psycopg
 import pytest
 
 from pgcapture.capture.reader import SlotReader
-from pgcapture.errors import ConfigError, PermissionDenied, SlotInUse, UnsupportedServer
+from pgcapture.capture.retry import is_transient
+from pgcapture.errors import ConfigError, PermissionDenied, SlotInUse, SlotLost, UnsupportedServer
 from pgcapture.local import LocalPostgres
 
 pytestmark = pytest.mark.integration
@@ -79,6 +80,33 @@ async def test_slot_active_in_another_process(dsn: str, slot_name: str) -> None:
             await second.open()
     finally:
         await first.close()
+
+
+async def test_an_invalidated_slot_is_a_permanent_error_naming_the_recovery() -> None:
+    settings = {"max_slot_wal_keep_size": "1MB", "min_wal_size": "32MB", "max_wal_size": "64MB"}
+    with LocalPostgres.create(settings=settings) as cluster:
+        reader = SlotReader(cluster.dsn(), "lost")
+        await reader.open()
+        await reader.close()
+        with psycopg.connect(cluster.dsn(), autocommit=True) as conn:
+            conn.execute("CREATE TABLE filler (v text)")
+            for _ in range(4):  # WAL well past what the slot may keep, then a checkpoint
+                conn.execute(
+                    "INSERT INTO filler SELECT repeat('x', 1000) FROM generate_series(1, 3000)"
+                )
+                conn.execute("SELECT pg_switch_wal()")
+            conn.execute("CHECKPOINT")
+            status = conn.execute(
+                "SELECT wal_status FROM pg_replication_slots WHERE slot_name = 'lost'"
+            ).fetchone()
+            assert status == ("lost",)
+        reader = SlotReader(cluster.dsn(), "lost")
+        with pytest.raises(
+            SlotLost, match=r"invalidated.*pg_drop_replication_slot\('lost'\)"
+        ) as err:
+            await reader.open()
+        await reader.close()
+        assert not is_transient(err.value)  # capture stops with it instead of retrying
 
 
 async def test_missing_table_in_table_list(dsn: str) -> None:
