@@ -102,6 +102,40 @@ async def test_acks_reach_jetstream_and_filtered_tables_are_skipped(
     assert ops.count(pb.Change.DELETE) == 1
 
 
+async def lag_seconds(port: int) -> float:
+    _, body = await http_get(port, "/metrics")
+    for line in body.decode().splitlines():
+        if line.startswith('pgcapture_gateway_lag_seconds{uri="app"}'):
+            return float(line.split()[-1])
+    raise AssertionError("no lag_seconds for uri app")
+
+
+async def test_lag_seconds_counts_from_the_oldest_unacknowledged_commit(
+    dsn: str, nats: LocalNats
+) -> None:
+    await run_sql(dsn, "CREATE TABLE t (id int PRIMARY KEY)")
+    port = free_port()
+    config = gateway_config(
+        dsn, nats.url, "lag", app={"start": "beginning", "ack_wait": 1.5}
+    ).model_copy(update={"metrics": MetricsConfig(listen=f"127.0.0.1:{port}")})
+    async with captured(config, "lag"), running_gateway(config) as address:
+        await run_sql(dsn, "INSERT INTO t VALUES (1)")
+        async with grpc.aio.insecure_channel(address) as channel:
+            stream = pb_grpc.DBLogGatewayStub(channel).CaptureBatched()
+            await stream.write(pb.CaptureRequest(init=pb.CaptureInit(uri="app")))
+            batch = await stream.read()
+            held_since = time.monotonic()
+            await asyncio.sleep(2.0)  # the client holds the change: the URI falls behind
+            lag = await lag_seconds(port)
+            assert 1.0 <= lag <= time.monotonic() - held_since + 1.0, lag
+            ack = pb.CaptureAckRange(first_id=batch.first_id, last_id=batch.first_id)
+            await stream.write(pb.CaptureRequest(ack_range=ack))
+            async with asyncio.timeout(10):
+                while await lag_seconds(port) != 0.0:  # caught up
+                    await asyncio.sleep(0.2)
+            stream.cancel()
+
+
 async def test_requeue_waits_for_the_delay_then_dead_letters(dsn: str, nats: LocalNats) -> None:
     await run_sql(dsn, "CREATE TABLE t (id int PRIMARY KEY, v text)")
     config = gateway_config(

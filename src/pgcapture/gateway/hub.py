@@ -77,11 +77,21 @@ _LINGER: Final = 5.0  # seconds a hub stays after its last client left
 class Batch:
     """One stream message and the settlement of its items."""
 
-    __slots__ = ("acked", "delivered", "msg", "pending", "requeued", "seq", "settled")
+    __slots__ = (
+        "acked",
+        "commit_time",
+        "delivered",
+        "msg",
+        "pending",
+        "requeued",
+        "seq",
+        "settled",
+    )
 
     def __init__(self, msg: Msg, seq: int, delivered: int) -> None:
         self.msg = msg
         self.seq = seq
+        self.commit_time = 0.0  # of its first transaction, when known (the lag metric)
         self.delivered = delivered  # JetStream's delivery count of this message
         self.pending = 0
         self.requeued: list[Item] = []
@@ -223,6 +233,7 @@ class Hub:
         self._skipped = metrics.skipped.labels(**metrics_labels)
         self._in_flight = metrics.in_flight.labels(**metrics_labels)
         self._clients = metrics.clients.labels(**metrics_labels)
+        self._lag_seconds = metrics.lag_seconds.labels(**metrics_labels)
         self._lease: Lease | None = None
         self._dead_letter_ready = False
 
@@ -462,6 +473,8 @@ class Hub:
                 del times[lsn]
         self._skipped.inc(len(decoded) - len(items))
         batch.pending = len(items)
+        if decoded:
+            batch.commit_time = times.get(decoded[0].lsn, 0.0)
         self.held[seq] = batch
         if not items:
             self._settle_batch(batch)
@@ -689,7 +702,6 @@ class Hub:
             newest = max(item.commit_time for item in items)
             if newest > self.last_acked_commit:
                 self.last_acked_commit = newest
-                self.metrics.lag_seconds.labels(**self._labels).set(max(0.0, time.time() - newest))
         self._dispatch()
 
     def _requeue(self, item: Item, reason: str) -> None:
@@ -850,7 +862,21 @@ class Hub:
             with contextlib.suppress(Exception):
                 info = await self.js.consumer_info(self.route.stream, self.settings.consumer_name)
                 self.metrics.lag_messages.labels(**self._labels).set(info.num_pending or 0)
+                self._lag_seconds.set(self._lag(info.num_pending))
             self._dispatch()
+
+    def _lag(self, pending: int | None) -> float:
+        """Seconds since the commit of the oldest change not acknowledged yet: 0 when every
+        change taken is settled and JetStream has nothing more for the URI; while only
+        messages not taken yet wait, the time since the newest acknowledged commit."""
+        waiting = [b.commit_time for b in self.held.values() if not b.settled and b.commit_time]
+        if waiting:
+            oldest = min(waiting)
+        elif pending and self.last_acked_commit:
+            oldest = self.last_acked_commit
+        else:
+            return 0.0
+        return max(0.0, time.time() - oldest)
 
     def _in_flight_count(self) -> int:
         return sum(len(s.unacked) + len(s.outbox) for s in self.sessions)
