@@ -306,6 +306,27 @@ class LogConfig(_Section):
     format: Literal["json", "text"] = "json"
 
 
+class OfflineDatabase(_Section):
+    """``[offlinedb.databases.NAME]``: what a client asking for database NAME gets."""
+
+    source: str  # [sources.SOURCE]: the stream that keeps copies fresh
+    snapshot_dsn: str = ""  # take snapshots from this server (e.g. a replica); default: the source
+    scripts: list[Path] = []  # SQL run on a new copy before any client may connect
+    masks: dict[str, str] = {}  # "schema.table.column" -> SQL expression of the masked value
+
+
+class OfflineDbConfig(_Section):
+    """``[offlinedb]``: on-demand, masked copies of sources behind one PostgreSQL endpoint."""
+
+    listen: str = "127.0.0.1:15432"
+    store: Path = Path("offlinedb")  # snapshots and running copies live under this directory
+    keep: int = Field(default=3, ge=1)  # snapshots kept per database
+    idle_timeout: PositiveDuration = 600.0
+    max_copies: int = Field(default=4, ge=1)
+    max_disk: Size = Field(default=0, ge=0)  # bytes of copies at most; 0: no cap
+    databases: dict[str, OfflineDatabase] = {}
+
+
 class Config(_Section):
     """The whole deployment."""
 
@@ -316,6 +337,7 @@ class Config(_Section):
     gateway: GatewayConfig = GatewayConfig()
     controller: ControllerConfig = ControllerConfig()
     dumper: DumperConfig = DumperConfig()
+    offlinedb: OfflineDbConfig = OfflineDbConfig()
 
     def source(self, name: str, need_dsn: bool = True) -> SourceConfig:
         """Source ``name``; ``need_dsn``: its database is connected to, so its dsn is needed."""
