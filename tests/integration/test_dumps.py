@@ -201,31 +201,37 @@ async def test_two_uris_dumping_at_once_do_not_see_each_others_rows(
 
 
 @pytest.mark.timeout(180)
-async def test_a_controller_killed_mid_dump_resumes_it_after_a_restart(
-    source_dsn: str, replica_dsn: str, nats: LocalNats, dbname: str, tmp_path: Path
+@pytest.mark.parametrize("killed", ["controller", "dumper"])
+async def test_a_service_killed_mid_dump_and_restarted_lets_the_dump_finish(
+    source_dsn: str, replica_dsn: str, nats: LocalNats, dbname: str, tmp_path: Path, killed: str
 ) -> None:
+    """The controller or the dumper, as a process of its own, SIGKILLed mid-dump: after a
+    restart every chunk is done and the consumer holds every row."""
     name = f"src_{dbname}"
     config = dump_config(source_dsn, replica_dsn, nats.url, name, app={})
-    c = config.controller
-    toml = tmp_path / "controller.toml"
+    c, d = config.controller, config.dumper
+    toml = tmp_path / "pgcapture.toml"
     toml.write_text(
         f'[nats]\nurl = "{nats.url}"\n'
         f'[sources.{name}]\ndsn = "{source_dsn}"\n'
         f'[sources.{name}.replica]\ndsn = "{replica_dsn}"\n'
         f'[gateway.uris.app]\nsource = "{name}"\n'
         f'[controller]\nlisten = "{c.listen}"\nbucket = "{c.bucket}"\nclaim_ttl = 2\n'
+        f'[dumper]\nlisten = "{d.listen}"\nsource = "{name}"\nbatch_rows = 50\n'
     )
-    command = [sys.executable, "-m", "pgcapture", "controller", "--config", str(toml)]
-    log = (tmp_path / "controller.log").open("ab")
+    command = [sys.executable, "-m", "pgcapture", killed, "--config", str(toml)]
+    log = (tmp_path / f"{killed}.log").open("ab")
     env = {**os.environ, "PGCAPTURE_LOG__LEVEL": "info"}
 
-    def controller() -> subprocess.Popen[bytes]:
+    def start() -> subprocess.Popen[bytes]:
         return subprocess.Popen(command, stdout=log, stderr=log, env=env)
 
+    others = "dumper" if killed == "controller" else "controller"
     await start_from_scratch(config)
-    process = controller()
+    process = start()
     try:
-        async with running(config, "replicate", "dumper", "gateway") as services:
+        async with running(config, "replicate", "gateway") as services:
+            await services.start(others)
             await run_sql(source_dsn, *ITEMS)
             await replica_has(replica_dsn, "items", KEYS)
             state = Materialized()
@@ -241,8 +247,8 @@ async def test_a_controller_killed_mid_dump_resumes_it_after_a_restart(
                 process.send_signal(signal.SIGKILL)
                 process.wait(10)
                 killed_at = state.dump_rows.get("items", 0)
-                assert killed_at < KEYS, "the dump ended before the controller was killed"
-                process = controller()
+                assert killed_at < KEYS, f"the dump ended before the {killed} was killed"
+                process = start()
                 status = await wait_for_dump(config, "app", dump, seconds=120)
                 await wait_equal(source_dsn, "items", state)
             finally:
