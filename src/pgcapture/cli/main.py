@@ -17,6 +17,7 @@ from pgcapture.cli.controller import controller
 from pgcapture.cli.dump import dump
 from pgcapture.cli.dumper import dumper
 from pgcapture.cli.gateway import gateway
+from pgcapture.cli.offlinedb import offlinedb
 from pgcapture.cli.quickstart import quickstart
 from pgcapture.cli.replicate import replicate
 from pgcapture.cli.status import status
@@ -40,6 +41,7 @@ cli.add_command(gateway)
 cli.add_command(controller)
 cli.add_command(dump)
 cli.add_command(dumper)
+cli.add_command(offlinedb)
 cli.add_command(status)
 cli.add_command(version)
 
