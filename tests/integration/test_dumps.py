@@ -13,7 +13,6 @@ import random
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -45,16 +44,6 @@ from pgcapture.proto import pb
 pytestmark = pytest.mark.integration
 
 KEYS = 3000
-
-
-@pytest.fixture
-async def replica_dsn(pg: LocalPostgres, dbname: str) -> AsyncIterator[str]:
-    name = f"{dbname}_replica"
-    await run_sql(pg.dsn(), f'CREATE DATABASE "{name}"')
-    try:
-        yield pg.dsn(name)
-    finally:
-        await run_sql(pg.dsn(), f'DROP DATABASE "{name}" WITH (FORCE)')
 
 
 @pytest.fixture

@@ -113,6 +113,11 @@ async def test_a_masked_copy_starts_on_demand_follows_the_source_and_goes_away_w
         snapshot = await take_snapshot(config, "shop")
         await take_snapshot(config, "other")
         async with serving(serve_offlinedb, config) as address:
+            host, port = address.rsplit(":", 1)
+            # A client stays connected, so the copy is not idle until it leaves.
+            holder = await psycopg.AsyncConnection.connect(
+                host=host, port=port, dbname="shop", user="postgres", connect_timeout=60
+            )
             rows = await query(address, "shop", "SELECT id, email FROM users ORDER BY id")
             assert len(rows) == 50
             assert rows[0] == (1, md5(b"user1@example.com").hexdigest())  # masked
@@ -139,6 +144,7 @@ async def test_a_masked_copy_starts_on_demand_follows_the_source_and_goes_away_w
             )
             assert counts == [[(51,)], [(51,)]]
             assert len(await copies(config)) == 1
+            await holder.close()
             copy_dirs = list((store / "copies").iterdir())
             assert len(copy_dirs) == 1
             async with asyncio.timeout(30):  # idle for idle_timeout: stopped and removed

@@ -62,17 +62,6 @@ CATCH_UP = 600 if SOAK else 120
 """Seconds the replica may take to apply what is left once the workload is over."""
 
 
-@pytest.fixture
-async def replica_dsn(pg: LocalPostgres, dbname: str) -> AsyncIterator[str]:
-    """An empty replica database next to the source's, in the same cluster."""
-    name = f"{dbname}_replica"
-    await run_sql(pg.dsn(), f'CREATE DATABASE "{name}"')
-    try:
-        yield pg.dsn(name)
-    finally:
-        await run_sql(pg.dsn(), f'DROP DATABASE "{name}" WITH (FORCE)')
-
-
 async def start_from_scratch(dsn: str, source: SourceConfig, replica_dsn: str) -> None:
     """DDL capture, publication and slot on the empty source, before any of the workload; the
     replica (empty too) applies the stream from its first transaction."""

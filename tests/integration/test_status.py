@@ -18,6 +18,7 @@ import grpc
 import nats as natslib
 import psycopg
 import pytest
+from gateway_helpers import serving
 from log_helpers import capturing, poll, run_sql, wait_for_slot
 from nats.js import api
 
@@ -361,19 +362,8 @@ def _parts(report: dict[str, Any]) -> list[dict[str, Any]]:
     ]  # fmt: skip
 
 
-@contextlib.asynccontextmanager
-async def running_controller(config: Config) -> AsyncIterator[str]:
-    stop = asyncio.Event()
-    bound: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-    task = asyncio.create_task(serve_controller(config, stop, ready=bound.set_result))
-    try:
-        done, _ = await asyncio.wait({task, bound}, timeout=30, return_when="FIRST_COMPLETED")
-        if task in done:
-            task.result()
-        yield bound.result()
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 30)
+def running_controller(config: Config) -> contextlib.AbstractAsyncContextManager[str]:
+    return serving(serve_controller, config)
 
 
 async def test_lists_the_dumps_in_progress_of_the_controller(

@@ -348,9 +348,10 @@ async def _basebackup(program: str, dsn: str, dsn_key: str, target: Path) -> Non
         "--no-password", "--label", f"pgcapture offlinedb {target.name}",
         "-d", make_conninfo(**{k: str(v) for k, v in params.items()}),
     ]  # fmt: skip
+    # From the store: the server user may not enter the caller's working directory.
     proc = await asyncio.create_subprocess_exec(
         *cmd, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE, env=env,
+        stderr=asyncio.subprocess.PIPE, env=env, cwd=target.parent,
     )  # fmt: skip
     try:
         _, stderr = await proc.communicate()
