@@ -42,6 +42,7 @@ from typing import Any, Final
 import nats
 import nats.errors
 import psycopg
+from procstat import process_cpu
 
 from pgcapture.capture.pipeline import LogWriter
 from pgcapture.capture.reader import SlotReader
@@ -342,12 +343,6 @@ class Cpu:
     capture: float
     walsender: float
     nats_server: float
-
-
-def process_cpu(pid: int) -> float:
-    """User + system CPU seconds of a process so far (Linux ``/proc``)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def walsender_cpu(dsn: str, slot: str) -> float:

@@ -49,6 +49,7 @@ import grpc
 import nats as natslib
 import psycopg
 from nats.js import api
+from procstat import process_cpu
 
 from pgcapture.dump.chunks import LAST_PAGE
 from pgcapture.local import LocalNats, LocalPostgres
@@ -250,15 +251,6 @@ def cut_chunks(dsn: str, table: str, chunk_rows: int) -> list[pb.DumpInfoRespons
     ]
     out[-1].page_end = LAST_PAGE
     return out
-
-
-def process_cpu(pid: int) -> float:
-    """User + system CPU seconds of a process so far; 0 once it is gone."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def start_services(env: Env, chunk_rows: int) -> list[subprocess.Popen[bytes]]:

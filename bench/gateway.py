@@ -62,6 +62,7 @@ import nats.js.errors
 import psycopg
 from google.protobuf.struct_pb2 import Struct
 from nats.js import api
+from procstat import process_cpu
 
 from pgcapture.capture.reader import SlotReader
 from pgcapture.local import LocalNats, LocalPostgres
@@ -363,15 +364,6 @@ def client_main(args: argparse.Namespace) -> None:
 
 
 # --- processes ---------------------------------------------------------------------------------
-
-
-def process_cpu(pid: int) -> float:
-    """User + system CPU seconds of a process (all its threads) so far; 0 once it is gone."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def log_tail(path: Path, lines: int = 20) -> str:

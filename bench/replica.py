@@ -54,6 +54,7 @@ from typing import Any, Final
 import nats
 import nats.errors
 import psycopg
+from procstat import process_cpu
 
 from pgcapture.capture.reader import SlotReader
 from pgcapture.local import LocalNats, LocalPostgres
@@ -280,15 +281,6 @@ def verify(expected: dict[str, tuple[int, str]], dsn: str, workload: Workload, w
     ]
     if wrong:
         raise SystemExit(f"{what}: the replica differs from the source:\n  " + "\n  ".join(wrong))
-
-
-def process_cpu(pid: int) -> float:
-    """User + system CPU seconds of a process so far (Linux ``/proc``); 0 once it is gone."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def cluster_cpu(cluster: LocalPostgres) -> dict[int, float]:

@@ -46,6 +46,7 @@ from pgcapture.offlinedb.wire import (
     cancel_request,
     error_response,
 )
+from pgcapture.ops.http import parse_listen
 
 log = logging.getLogger("pgcapture.offlinedb")
 
@@ -140,7 +141,7 @@ class Proxy:
                 path = self.listen.removeprefix("unix:")
                 self._server = await asyncio.start_unix_server(self._accept, path=path)
                 return self.listen
-            host, port = _host_port(self.listen)
+            host, port = parse_listen(self.listen, "offlinedb.listen", "127.0.0.1:6432")
             self._server = await asyncio.start_server(self._accept, host, port)
         except OSError as exc:
             raise ConfigError(
@@ -333,17 +334,3 @@ async def _close(writer: asyncio.StreamWriter) -> None:
     writer.close()
     with contextlib.suppress(OSError):
         await writer.wait_closed()
-
-
-def _host_port(listen: str) -> tuple[str | None, int]:
-    host, _, port = listen.rpartition(":")
-    try:
-        number = int(port)
-    except ValueError:
-        number = -1
-    if not 0 <= number <= 65535:
-        raise ConfigError(
-            f"offlinedb listen address {listen!r} is not HOST:PORT, :PORT or unix:PATH; write "
-            'e.g. "127.0.0.1:6432"'
-        )
-    return (host.strip("[]") or None), number

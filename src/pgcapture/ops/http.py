@@ -53,16 +53,20 @@ class ServiceStatus:
         return ok, body
 
 
-def parse_listen(listen: str) -> tuple[str, int]:
-    """``"127.0.0.1:9187"``, ``":9187"`` (all interfaces) or ``"9187"``."""
+def parse_listen(
+    listen: str, setting: str = "metrics.listen", example: str = "127.0.0.1:9187"
+) -> tuple[str, int]:
+    """``"127.0.0.1:9187"``, ``":9187"`` (all interfaces) or ``"9187"``; a refusal names
+    ``setting`` and an ``example``."""
     host, _, port = listen.rpartition(":")
     try:
         number = int(port)
     except ValueError:
         number = -1
     if not 0 <= number <= 65535:
+        port_only = example.rpartition(":")[2]
         raise ConfigError(
-            f'metrics.listen {listen!r} is not HOST:PORT; write e.g. "127.0.0.1:9187" or ":9187"'
+            f'{setting} {listen!r} is not HOST:PORT; write e.g. "{example}" or ":{port_only}"'
         )
     return (host.strip("[]") or "0.0.0.0"), number
 
