@@ -16,6 +16,7 @@ from pgcapture.capture.retry import run_capture
 from pgcapture.config import Config, SourceConfig, validate_config
 from pgcapture.log.reader import read_records
 from pgcapture.log.stream import read_tail
+from pgcapture.lsn import LSN
 from pgcapture.proto import pb
 
 
@@ -151,3 +152,11 @@ async def wait_for_slot(dsn: str, slot: str, timeout: float = 30) -> None:
             if row and row[0]:
                 return
             await asyncio.sleep(0.05)
+
+
+async def current_lsn(dsn: str) -> LSN:
+    """The server's current WAL position."""
+    async with await psycopg.AsyncConnection.connect(dsn) as conn:
+        row = await (await conn.execute("SELECT pg_current_wal_lsn()::text")).fetchone()
+    assert row is not None
+    return LSN.parse(row[0])

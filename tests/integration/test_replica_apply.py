@@ -10,13 +10,12 @@ from collections.abc import AsyncIterator, Iterator
 
 import psycopg
 import pytest
-from log_helpers import capturing, http_get, make_config, poll, run_sql, wait_for_slot
+from log_helpers import capturing, current_lsn, http_get, make_config, poll, run_sql, wait_for_slot
 
 from pgcapture.config import Config
 from pgcapture.errors import ConfigError
 from pgcapture.local import LocalNats, LocalPostgres
 from pgcapture.local.postgres import free_port
-from pgcapture.lsn import LSN
 from pgcapture.replica.ddl import DdlNotReplayable
 from pgcapture.replica.pipeline import ApplyFailed
 from pgcapture.replica.plans import SchemaMismatch
@@ -98,17 +97,9 @@ def replica(pg: LocalPostgres) -> Iterator[str]:
             conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
 
 
-async def _lsn(dsn: str) -> LSN:
-    async with await psycopg.AsyncConnection.connect(dsn) as conn:
-        cur = await conn.execute("SELECT pg_current_wal_lsn()::text")
-        row = await cur.fetchone()
-        assert row is not None
-        return LSN.parse(row[0])
-
-
 async def _start_position(source: str, replica: str) -> None:
     async with await psycopg.AsyncConnection.connect(replica, autocommit=True) as conn:
-        await set_position(conn, "app", await _lsn(source), "test")
+        await set_position(conn, "app", await current_lsn(source), "test")
 
 
 @contextlib.asynccontextmanager
@@ -228,7 +219,7 @@ async def test_errors_name_the_problem(dsn: str, replica: str, nats: LocalNats) 
     async with capturing(config, "app"):
         await wait_for_slot(dsn, config.source("app").slot_name)
         async with await psycopg.AsyncConnection.connect(replica, autocommit=True) as conn:
-            await set_position(conn, "app", await _lsn(dsn), "test", replace=True)
+            await set_position(conn, "app", await current_lsn(dsn), "test", replace=True)
             await conn.execute("SELECT pg_advisory_lock(1885823841, 1)")
             with pytest.raises(ReplicaBusy, match="another pgcapture replicate"):
                 await replicate(config, config.source("app"), replica, stop)

@@ -19,7 +19,7 @@ import nats as natslib
 import psycopg
 import pytest
 from gateway_helpers import serving
-from log_helpers import capturing, poll, run_sql, wait_for_slot
+from log_helpers import capturing, current_lsn, poll, run_sql, wait_for_slot
 from nats.js import api
 
 from pgcapture.config import Config, load_config
@@ -105,14 +105,6 @@ async def confirmed_at_least(dsn: str, slot: str, lsn: int) -> bool:
         )
         row = await cur.fetchone()
     return row is not None and row[0] is not None and LSN.parse(row[0]) >= lsn
-
-
-async def current_lsn(dsn: str) -> LSN:
-    async with await psycopg.AsyncConnection.connect(dsn) as conn:
-        cur = await conn.execute("SELECT pg_current_wal_lsn()::text")
-        row = await cur.fetchone()
-    assert row is not None
-    return LSN.parse(row[0])
 
 
 async def capture_then_stop(config: Config, name: str) -> None:

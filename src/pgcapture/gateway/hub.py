@@ -786,6 +786,8 @@ class Hub:
 
     async def _dead_letter(self, item: Item, attempts: int) -> None:
         s = self.settings
+        batch = item.batch
+        assert isinstance(batch, Batch)  # a dump row is requeued with its chunk, never here
         try:
             await self._ensure_dead_letter_stream()
             headers = {
@@ -793,7 +795,7 @@ class Hub:
                 "Pgcapture-Uri": self.route.uri,
                 "Pgcapture-Checkpoint": item.checkpoint.key(),
                 "Pgcapture-Stream": self.route.stream,
-                "Pgcapture-Stream-Seq": str(getattr(item.batch, "seq", 0)),
+                "Pgcapture-Stream-Seq": str(batch.seq),
                 "Pgcapture-Deliveries": str(attempts),
                 "Pgcapture-Reason": " ".join(item.reason.split())[:1024],
             }

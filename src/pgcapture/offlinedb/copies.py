@@ -174,8 +174,10 @@ class Copies:
                 f"allowed (offlinedb.max_copies = {s.max_copies})",
                 "wait for an idle copy to be removed, or raise offlinedb.max_copies",
             )
-        used = sum(c.disk() for c in self.copies.values())
-        if s.max_disk and used >= s.max_disk:
+        if not s.max_disk:
+            return
+        used = sum(c.disk() for c in self.copies.values())  # only with a cap: it walks the trees
+        if used >= s.max_disk:
             raise Refused(
                 NO_CAPACITY,
                 f'no copy of "{name}" can be started: the copies use {used} bytes, '
