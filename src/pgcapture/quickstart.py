@@ -20,7 +20,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Final
 
@@ -98,9 +98,7 @@ class Seen:
     changes: int = 0
     dump_rows: int = 0
     truncates: int = 0
-    last_ddl: str = ""
     printed_dump_rows: int = 0
-    keys: set[tuple[str, str]] = field(default_factory=set)
 
 
 class Demo:
@@ -253,8 +251,7 @@ class Demo:
         seen.changes += 1
         if event.is_ddl:
             assert event.new is not None
-            seen.last_ddl = str(event.new["query"])
-            self.echo(f"  DDL      {' '.join(seen.last_ddl.split())}")
+            self.echo(f"  DDL      {' '.join(str(event.new['query']).split())}")
             return
         row = event.new if event.new is not None else event.key
         self.echo(f"  {event.op.value:<8} {event.schema}.{event.table} {to_json(row)}")

@@ -225,7 +225,7 @@ class Hub:
         self._pending: set[asyncio.Task[None]] = set()  # acks, naks, dead letters
         self._closing = False
         self._linger: asyncio.TimerHandle | None = None
-        self._labels = metrics_labels = {"uri": route.uri}
+        metrics_labels = {"uri": route.uri}
         self._delivered = metrics.delivered.labels(**metrics_labels)
         self._acked = metrics.acked.labels(**metrics_labels)
         self._requeued = metrics.requeued.labels(**metrics_labels)
@@ -234,6 +234,7 @@ class Hub:
         self._in_flight = metrics.in_flight.labels(**metrics_labels)
         self._clients = metrics.clients.labels(**metrics_labels)
         self._lag_seconds = metrics.lag_seconds.labels(**metrics_labels)
+        self._lag_messages = metrics.lag_messages.labels(**metrics_labels)
         self._lease: Lease | None = None
         self._dead_letter_ready = False
 
@@ -863,7 +864,7 @@ class Hub:
                     await _quietly(batch.msg.in_progress())
             with contextlib.suppress(Exception):
                 info = await self.js.consumer_info(self.route.stream, self.settings.consumer_name)
-                self.metrics.lag_messages.labels(**self._labels).set(info.num_pending or 0)
+                self._lag_messages.set(info.num_pending or 0)
                 self._lag_seconds.set(self._lag(info.num_pending))
             self._dispatch()
 
