@@ -31,7 +31,7 @@ from typing import Any, Protocol
 from nats.aio.client import Client as NATS
 
 from pgcapture.capture.changes import Record
-from pgcapture.capture.reader import SlotReader
+from pgcapture.capture.reader import SlotReader, TextFallback
 from pgcapture.checkpoint import Checkpoint
 from pgcapture.config import NatsConfig, SourceConfig
 from pgcapture.errors import ConnectionLost
@@ -85,12 +85,14 @@ class CaptureSession:
         owner: str,
         wrap: WriterWrapper | None = None,
         status: ServiceStatus | None = None,
+        on_text_fallback: Callable[[TextFallback], None] | None = None,
     ) -> None:
         self.source = source
         self.nats_cfg = nats_cfg
         self.owner = owner
         self.wrap = wrap
         self.status = status or ServiceStatus()
+        self.on_text_fallback = on_text_fallback
         self.settings = stream_settings(source)
         self.acked_batches = 0
         self._lost = asyncio.Event()
@@ -128,6 +130,7 @@ class CaptureSession:
         reader = SlotReader(
             self.source.dsn, self.source.slot_name, self.source.publication,
             self.source.tables, status_interval=self.source.status_interval,
+            on_text_fallback=self.on_text_fallback,
         )  # fmt: skip
         await reader.open()
         self.status.set("running")
