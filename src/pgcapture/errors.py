@@ -8,7 +8,9 @@ the value involved and the fix (DESIGN.md, contract 8)::
     ├── SourceError            the source database refuses what capture needs
     │   ├── UnsupportedServer  server version or wal_level cannot do logical decoding
     │   ├── PermissionDenied   a missing privilege (REPLICATION, CREATE, ownership)
-    │   └── SlotInUse          the replication slot is active in another process
+    │   ├── SlotInUse          the replication slot is active in another process
+    │   └── NoBinaryOutput     a value's type has no binary send function; capture reads
+    │                          that transaction again in text              (capture.reader)
     ├── ProtocolError          the server sent bytes we cannot make sense of
     │   └── DecodeError        malformed or truncated pgoutput message (tag and offset)
     ├── ConnectionLost         a connection dropped; the caller may retry
@@ -52,6 +54,16 @@ class SlotInUse(SourceError):
 
 class SlotLost(SourceError):
     """The replication slot was invalidated: the source's WAL it needed is gone."""
+
+
+class NoBinaryOutput(SourceError):
+    """The walsender cannot send a value in binary: ``type_name`` (e.g. ``aclitem``, inside an
+    array or a composite) has no binary send function. ``SlotReader`` handles it by reading the
+    transaction again with pgoutput's ``binary`` option off."""
+
+    def __init__(self, message: str, type_name: str) -> None:
+        super().__init__(message)
+        self.type_name = type_name
 
 
 class ProtocolError(PgCaptureError):

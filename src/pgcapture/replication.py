@@ -16,6 +16,8 @@ The contract with the caller (DESIGN.md, contract 2):
   when nothing received is still unconfirmed ("nothing in flight"). A logical walsender's
   keepalive carries the position up to which it has decoded and sent, so every transaction that
   committed before it has been delivered already.
+* An error the server ends the stream with is raised once the messages it sent before it have
+  been returned: a caller that reads the stream again knows exactly what it already has.
 
 psycopg registers its own reader on the connection's socket while it executes a command, and
 removes it afterwards; ours is registered only once ``START_REPLICATION`` has returned.
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import struct
 import time
 from typing import Any, Final
@@ -34,6 +37,7 @@ from psycopg import pq
 
 from pgcapture.errors import (
     ConnectionLost,
+    NoBinaryOutput,
     PermissionDenied,
     ProtocolError,
     SlotInUse,
@@ -48,6 +52,8 @@ _STATUS: Final = struct.Struct(">cQQQqB")
 _PG_EPOCH_US: Final = 946_684_800_000_000  # 2000-01-01 in Unix microseconds
 _XLOGDATA: Final = ord("w")
 _PRIMARY_KEEPALIVE: Final = ord("k")
+# getTypeBinaryOutputInfo() in lsyscache.c, raised with SQLSTATE 42883 (undefined_function)
+_NO_BINARY_OUTPUT: Final = re.compile(r"no binary output function available for type (.+)")
 
 
 def pg_now_us() -> int:
@@ -77,6 +83,7 @@ class ReplicationStream:
         self._unconfirmed = False  # data received since the last confirm covering it
         self._last_status = 0.0
         self._reader_fd = -1  # the socket our reader is registered on, -1 when none
+        self._failure: Exception | None = None  # the stream's end, raised by the next read
 
     @classmethod
     async def connect(cls, dsn: str, status_interval: float = 10.0) -> ReplicationStream:
@@ -113,9 +120,18 @@ class ReplicationStream:
             raise ProtocolError("CREATE_REPLICATION_SLOT returned no row")
         return LSN.parse(row[1]), str(row[2] or "")
 
-    async def start(self, slot: str, start_lsn: int, options: dict[str, str]) -> None:
+    async def start(
+        self, slot: str, start_lsn: int, options: dict[str, str], confirmed: int | None = None
+    ) -> None:
         """``START_REPLICATION``; data for transactions committed before the slot's confirmed
-        position (or ``start_lsn`` if later) is not sent again by the server."""
+        position (or ``start_lsn`` if later) is not sent again by the server.
+
+        ``confirmed``: what the caller has made durable, when that is less than ``start_lsn``
+        (it read the WAL up to ``start_lsn`` on another connection and has not stored all of
+        it yet). Only ``confirmed`` is then reported as flushed, and everything up to
+        ``start_lsn`` counts as received and unconfirmed, so no keepalive moves the slot past
+        it (contract 2).
+        """
         opts = ", ".join(f"{quote_ident(k)} {quote_literal(v)}" for k, v in options.items())
         sql = f"START_REPLICATION SLOT {quote_ident(slot)} LOGICAL {format_lsn(start_lsn)} ({opts})"
         try:
@@ -124,7 +140,9 @@ class ReplicationStream:
             raise _translate_stream_error(exc, slot) from exc
         if self._pgconn.transaction_status != pq.TransactionStatus.ACTIVE:
             raise ProtocolError("START_REPLICATION did not switch the connection to CopyBoth")
-        self._confirmed = max(self._confirmed, start_lsn)
+        floor = start_lsn if confirmed is None else min(confirmed, start_lsn)
+        self._confirmed = max(self._confirmed, floor)
+        self._note_received(start_lsn)
         self._streaming = True
         self._last_status = time.monotonic()
         self._reader_fd = self._pgconn.socket
@@ -143,6 +161,8 @@ class ReplicationStream:
 
         Keepalives are handled here; status updates go out when due while waiting.
         """
+        if self._failure is not None:
+            raise self._failure
         out: list[bytes] = []
         while True:
             self._readable.clear()  # before reading, so that no wake-up is missed
@@ -175,7 +195,10 @@ class ReplicationStream:
             if nbytes == 0:
                 break
             if nbytes < 0:
-                self._end_of_stream()
+                self._failure = self._end_of_stream()
+                if out:
+                    break  # what came before the end first; the next read raises
+                raise self._failure
             kind = data[0]
             if kind == _XLOGDATA:
                 append(bytes(data[25:]))
@@ -205,13 +228,14 @@ class ReplicationStream:
         if reply:
             self._send_status()
 
-    def _end_of_stream(self) -> None:
+    def _end_of_stream(self) -> Exception:
+        """The error that ends the stream (the server's, translated)."""
         self._streaming = False
         self._remove_reader()
         res = self._pgconn.get_result()
         if res is not None and res.status == pq.ExecStatus.FATAL_ERROR:
-            raise _translate_stream_error(psycopg.errors.error_from_result(res), None)
-        raise ConnectionLost(f"replication stream ended by the server: {self._error_message()}")
+            return _translate_stream_error(psycopg.errors.error_from_result(res), None)
+        return ConnectionLost(f"replication stream ended by the server: {self._error_message()}")
 
     def _error_message(self) -> str:
         msg = self._pgconn.get_error_message().strip()
@@ -301,6 +325,14 @@ def _translate_stream_error(exc: psycopg.Error, slot: str | None) -> Exception:
         )
     if "wal_level" in text:
         return SourceError(f"{text}; set wal_level=logical and restart the server")
+    primary = (getattr(exc.diag, "message_primary", None) or "").strip()
+    if sqlstate == "42883" and (found := _NO_BINARY_OUTPUT.fullmatch(primary)):
+        return NoBinaryOutput(
+            f"{text}; a value of type {found[1]} (in an array, a composite or a range) cannot "
+            "be sent in binary, so the transaction must be read with pgoutput's binary option "
+            "off",
+            found[1],
+        )
     if _slot_invalidated(exc):
         detail = (getattr(exc.diag, "message_detail", None) or "").strip()
         name = slot or "NAME"

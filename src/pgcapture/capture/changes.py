@@ -125,6 +125,12 @@ class ChangeAssembler:
         self._lsn = 0  # commit LSN of the open transaction, 0 outside one
         self._seq = 0
 
+    @property
+    def open_lsn(self) -> int:
+        """The commit LSN of the transaction being read (its Begin came, its Commit did not
+        yet), 0 between transactions."""
+        return self._lsn
+
     def feed_raw(self, data: bytes, decode: Callable[[bytes], PgOutputMessage]) -> Record | None:
         """``feed(decode(data))``, with a fused path for the common row messages.
 

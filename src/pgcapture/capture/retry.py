@@ -21,6 +21,7 @@ import psycopg
 
 from pgcapture.backoff import Backoff
 from pgcapture.capture.pipeline import CaptureSession, WriterWrapper
+from pgcapture.capture.reader import TextFallback
 from pgcapture.config import NatsConfig, SourceConfig
 from pgcapture.errors import ConnectionLost, PgCaptureError, SlotInUse, SourceError
 from pgcapture.log.lease import new_owner_id
@@ -36,13 +37,15 @@ async def run_capture(
     wrap: WriterWrapper | None = None,
     status: ServiceStatus | None = None,
     on_error: Callable[[BaseException], None] | None = None,
+    on_text_fallback: Callable[[TextFallback], None] | None = None,
 ) -> None:
-    """Capture ``source`` until ``stop`` is set, reconnecting after transient failures."""
+    """Capture ``source`` until ``stop`` is set, reconnecting after transient failures;
+    ``on_text_fallback`` hears of each transaction read with text values (``SlotReader``)."""
     status = status or ServiceStatus()
     owner = new_owner_id()
     backoff, attempt = Backoff(maximum=10.0), 0
     while not stop.is_set():
-        session = CaptureSession(source, nats_cfg, owner, wrap, status)
+        session = CaptureSession(source, nats_cfg, owner, wrap, status, on_text_fallback)
         status.sessions += 1
         status.set("connecting")
         try:

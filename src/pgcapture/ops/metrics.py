@@ -9,7 +9,9 @@
 * ``pgcapture_capture_slot_lag_bytes``: ``pg_current_wal_lsn() - confirmed_flush_lsn``;
 * ``pgcapture_capture_last_commit_timestamp_seconds``: commit time of the last stored commit;
 * ``pgcapture_capture_sessions_total`` / ``..._errors_total``: sessions started, and ended by
-  an error (by error class), i.e. reconnects.
+  an error (by error class), i.e. reconnects;
+* ``pgcapture_capture_text_fallbacks_total``: transactions read again with text values because
+  a value's type has no binary send function (by type, e.g. ``aclitem``).
 
 ``MeteredWriter`` wraps a writer and counts what passes through it; ``SlotLagMonitor`` polls
 the slot's lag on its own connection and logs a warning while it is above a threshold.
@@ -59,6 +61,10 @@ class CaptureMetrics:
         self.errors = Counter(
             f"{ns}_errors", "Sessions ended by an error", [*labels, "error"], registry=r
         )
+        self.text_fallbacks = Counter(
+            f"{ns}_text_fallbacks", "Transactions read with text values", [*labels, "type"],
+            registry=r,
+        )  # fmt: skip
         self.source = source
         self.last_ack = 0.0  # monotonic time of the last acknowledgement
 

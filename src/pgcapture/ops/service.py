@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 from pgcapture.capture.pipeline import LogWriter
+from pgcapture.capture.reader import TextFallback
 from pgcapture.capture.retry import run_capture
 from pgcapture.config import Config, SourceConfig
 from pgcapture.log.writer import StreamWriter
@@ -49,9 +50,15 @@ async def serve_capture(config: Config, source: SourceConfig, stop: asyncio.Even
     def on_error(exc: BaseException) -> None:
         metrics.errors.labels(source.name, type(exc).__name__).inc()
 
+    def on_text_fallback(fallback: TextFallback) -> None:
+        metrics.text_fallbacks.labels(source.name, fallback.type_name).inc()
+
     monitor = asyncio.ensure_future(lag.run())
     try:
-        await run_capture(source, config.nats, stop, wrap=wrap, status=status, on_error=on_error)
+        await run_capture(
+            source, config.nats, stop, wrap=wrap, status=status, on_error=on_error,
+            on_text_fallback=on_text_fallback,
+        )  # fmt: skip
     finally:
         monitor.cancel()
         with contextlib.suppress(asyncio.CancelledError):
