@@ -168,6 +168,29 @@ async def test_each_ddl_of_a_multi_statement_string_gets_its_own_statement(
     assert all(r.activity["top_level_query"] == query and r.activity["exact"] for r in rows)
 
 
+async def test_statements_holding_semicolons_are_logged_whole(
+    session: psycopg.AsyncConnection[Any],
+) -> None:
+    # sent as one simple-query string, without psql: the server's grammar decides what a
+    # statement is (rule actions in parentheses, BEGIN ATOMIC bodies with CASE ... END and
+    # END as a column label, nested comments, E'' strings continued on the next line)
+    statements = [
+        "create table t (a int, b text)",
+        "create rule r as on insert to t do instead (delete from t; ; delete from t)",
+        "create function f(x int) returns int language sql begin atomic "
+        "select case when x > 0 then 1 else 2 end end; select t.end from (select 3 as end) t; "
+        "end",
+        "CREATE PROCEDURE p() LANGUAGE sql BEGIN ATOMIC insert into t values (1, 'a;b'); END",
+        "comment on table t is /* a; /* b; */ c; */ E'x\\';'\n'\\';'",
+        'create view v as select $q$;$q$ as "s;"',
+    ]
+    query = "; insert into t values (0, ';');\n".join(statements) + ";"
+    await run(session, query)
+    rows = await logged(session)
+    assert queries(rows) == statements
+    assert all(r.activity["exact"] for r in rows)
+
+
 async def test_strings_are_split_by_the_sessions_standard_conforming_strings(
     session: psycopg.AsyncConnection[Any],
 ) -> None:

@@ -62,6 +62,22 @@ def test_procedure_with_begin_atomic() -> None:
     ]
 
 
+def test_rule_actions_in_parentheses_are_one_statement() -> None:
+    rule = "create rule r as on insert to t do instead (delete from t; ; delete from t)"
+    assert split_statements(f"{rule}; select 1") == [rule, "select 1"]
+
+
+def test_end_as_a_label_does_not_close_a_begin_atomic_body() -> None:
+    # END closes the body only right after ATOMIC or a semicolon; elsewhere it ends a CASE
+    # or is a column label
+    body = (
+        "create function f() returns int language sql begin atomic "
+        "select 1 end; select t.end, case when true then 1 end end from t; "
+        "create function g() returns int language sql begin atomic select 2; end; end"
+    )
+    assert split_statements(f"{body}; select 3") == [body, "select 3"]
+
+
 def test_multi_line_statements_keep_inner_newlines() -> None:
     sql = "create table t (\n  a int, -- first\n  b text\n);\ninsert into t values (1, 'x;\ny');"
     assert split_statements(sql) == [

@@ -79,6 +79,7 @@ DECLARE
     -- with standard_conforming_strings off, '...' strings treat backslash as an escape
     bs boolean := current_setting('standard_conforming_strings') = 'off';
     quoted boolean;
+    nl boolean;
 BEGIN
     WHILE i <= n LOOP
         ch := c[i];
@@ -122,20 +123,43 @@ BEGIN
             -- standard_conforming_strings is off; '' inside is a quote in all of them
             quoted := ch IN ('e', 'E') OR (bs AND ch IN ('''', 'n', 'N'));
             i := i + CASE WHEN ch = '''' THEN 1 WHEN ch IN ('u', 'U') THEN 3 ELSE 2 END;
-            kind := 'error';
-            WHILE i <= n LOOP
-                IF quoted AND c[i] = E'\\' THEN
-                    i := i + 2;
-                ELSIF c[i] = '''' THEN
-                    i := i + 1;
-                    IF c[i] IS DISTINCT FROM '''' THEN
-                        kind := 'string';
+            LOOP
+                kind := 'error';
+                WHILE i <= n LOOP
+                    IF quoted AND c[i] = E'\\' THEN
+                        i := i + 2;
+                    ELSIF c[i] = '''' THEN
+                        i := i + 1;
+                        IF c[i] IS DISTINCT FROM '''' THEN
+                            kind := 'string';
+                            EXIT;
+                        END IF;
+                        i := i + 1;
+                    ELSE
+                        i := i + 1;
+                    END IF;
+                END LOOP;
+                EXIT WHEN kind = 'error';
+                -- 'a' <whitespace with a newline, maybe -- comments> 'b' is one literal whose
+                -- second part is read like the first (scan.l: quotecontinue)
+                p := i;
+                nl := false;
+                LOOP
+                    IF c[p] IN (' ', E'\t', E'\f') THEN
+                        p := p + 1;
+                    ELSIF c[p] IN (E'\n', E'\r') THEN
+                        nl := true;
+                        p := p + 1;
+                    ELSIF c[p] = '-' AND c[p + 1] = '-' THEN
+                        WHILE p <= n AND c[p] NOT IN (E'\n', E'\r') LOOP
+                            p := p + 1;
+                        END LOOP;
+                    ELSE
                         EXIT;
                     END IF;
-                    i := i + 1;
-                ELSE
-                    i := i + 1;
-                END IF;
+                END LOOP;
+                EXIT WHEN NOT nl OR c[p] IS DISTINCT FROM '''';
+                i := p + 1;
             END LOOP;
         ELSIF ch = '"' OR (ch IN ('u', 'U') AND c[i + 1] = '&' AND c[i + 2] = '"') THEN
             i := i + CASE WHEN ch = '"' THEN 1 ELSE 3 END;
@@ -214,8 +238,15 @@ $fn$;
 -- The statements of a query string as (first, last) character positions, like the server's
 -- raw parser: a statement starts at its first token (comments before it belong to no
 -- statement) and runs to the character before its terminating semicolon or the end of the
--- string, without trailing whitespace. Semicolons inside BEGIN ATOMIC ... END bodies of
--- CREATE FUNCTION/PROCEDURE do not end the statement; CASE ... END nests inside such bodies.
+-- string, without trailing whitespace. PostgreSQL's grammar has a semicolon in exactly three
+-- places: between statements, between the actions of CREATE RULE ... DO ( a; b ) (inside
+-- parentheses), and after each statement of a BEGIN ATOMIC ... END body of CREATE [OR
+-- REPLACE] FUNCTION/PROCEDURE (gram.y: stmtmulti, RuleActionMulti, routine_body_stmt_list).
+-- So a semicolon ends a statement only outside parentheses and BEGIN ATOMIC bodies. Such a
+-- body ends at the END that follows its ATOMIC or one of its semicolons directly: the END of
+-- a CASE follows an expression, and END right after an expression is a column label
+-- (`SELECT 1 end`); a body statement may not start with END (TransactionStmtLegacy is not
+-- allowed there). Bodies nest (a CREATE FUNCTION inside a body).
 CREATE OR REPLACE FUNCTION pgcapture.statement_spans(sql text)
 RETURNS TABLE (first int, last int)
 LANGUAGE plpgsql STABLE PARALLEL SAFE
@@ -223,33 +254,48 @@ SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE
     t record;
-    lead text[] := '{}';      -- the statement's first four tokens
-    atomic int := 0;           -- depth of BEGIN ATOMIC / CASE ... END
-    prev text;                 -- the previous token when it was a word
+    w text;                    -- the token: a word in lower case, '"' || name, an operator, <kind>
+    lead text[] := '{}';       -- the first four tokens of the (innermost) statement
+    depth int := 0;            -- parenthesis depth
+    atomic int := 0;           -- depth of BEGIN ATOMIC bodies
+    prev text;                 -- the previous token (';' or '<atomic>' at a body statement's start)
 BEGIN
     first := NULL;
-    FOR t IN SELECT * FROM pgcapture.lex(sql) LOOP
-        IF t.kind = 'op' AND t.word = ';' AND atomic = 0 THEN
-            IF first IS NOT NULL THEN
-                last := t.first - 1;
-                RETURN NEXT;
+    FOR t IN SELECT * FROM pgcapture.lex(sql) AS l WHERE l.kind <> 'comment' LOOP
+        w := CASE t.kind WHEN 'word' THEN t.word WHEN 'op' THEN t.word
+                         WHEN 'ident' THEN '"' || t.word ELSE '<' || t.kind || '>' END;
+        IF w = ';' AND depth = 0 THEN
+            IF atomic = 0 THEN
+                IF first IS NOT NULL THEN
+                    last := t.first - 1;
+                    RETURN NEXT;
+                END IF;
+                first := NULL;
+                prev := NULL;
+            ELSE
+                prev := ';';
             END IF;
-            first := NULL; lead := '{}'; prev := NULL;
+            lead := '{}';
             CONTINUE;
         END IF;
-        CONTINUE WHEN t.kind = 'comment';
         first := coalesce(first, t.first);
         IF cardinality(lead) < 4 THEN
-            lead := lead || coalesce(t.word, t.kind);
+            lead := lead || w;
         END IF;
-        IF t.kind = 'word' AND atomic > 0 THEN
-            atomic := atomic + CASE t.word WHEN 'case' THEN 1 WHEN 'end' THEN -1 ELSE 0 END;
-        ELSIF t.kind = 'word' AND t.word = 'atomic' AND prev = 'begin'
-              AND lead[1] = 'create' AND (lead[2] IN ('function', 'procedure')
-                  OR (lead[2:3] = '{or,replace}' AND lead[4] IN ('function', 'procedure'))) THEN
-            atomic := 1;
+        IF w = '(' THEN
+            depth := depth + 1;
+        ELSIF w = ')' THEN
+            depth := greatest(depth - 1, 0);
+        ELSIF depth = 0 AND atomic > 0 AND w = 'end' AND prev IN (';', '<atomic>') THEN
+            atomic := atomic - 1;
+        ELSIF depth = 0 AND w = 'atomic' AND prev = 'begin' AND lead[1] = 'create'
+              AND (lead[2] IN ('function', 'procedure')
+                   OR (lead[2:3] = '{or,replace}' AND lead[4] IN ('function', 'procedure'))) THEN
+            atomic := atomic + 1;
+            lead := '{}';
+            w := '<atomic>';
         END IF;
-        prev := CASE WHEN t.kind = 'word' THEN t.word END;
+        prev := w;
     END LOOP;
     IF first IS NOT NULL THEN
         last := length(sql);
