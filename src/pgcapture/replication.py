@@ -175,7 +175,8 @@ class ReplicationStream:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self._wait_time()):
                     await self._readable.wait()
-        await self._maybe_send_status()
+        if self._failure is None:  # else the stream has ended: nothing to report to
+            await self._maybe_send_status()
         return out
 
     def _consume(self) -> None:

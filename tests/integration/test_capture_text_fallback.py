@@ -9,12 +9,20 @@ take the text values.
 
 from __future__ import annotations
 
+import asyncio
+
 import psycopg
 import pytest
+from log_helpers import current_lsn, http_get, make_config, stream_records, wait_for_slot
 from slot_helpers import Captured, collect, fields, user_changes
+from test_replica_apply import _wait_for, assert_converged, replicating
 
 from pgcapture.capture.reader import SlotReader, TextFallback
+from pgcapture.local import LocalNats
+from pgcapture.local.postgres import free_port
+from pgcapture.ops.service import serve_capture
 from pgcapture.proto import pb
+from pgcapture.replica.store import set_position
 
 pytestmark = pytest.mark.integration
 
@@ -102,3 +110,90 @@ async def test_a_transaction_without_binary_output_arrives_as_text_then_binary_a
         txs[6][0].record.lsn,
     ]
     assert all(f.type_name == "aclitem" for f in fallbacks)
+
+
+# The source's schema; the replica gets the same (other OIDs for the user types, see below).
+SCHEMA = (
+    *ACL_SETUP,
+    "CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy')",
+    "CREATE TABLE plain (id int PRIMARY KEY, v text)",
+    "CREATE TABLE grants (id int PRIMARY KEY, one acl, many aclitem[], pair grant_pair, "
+    "moods mood[], n int)",
+    "CREATE TABLE loose (many aclitem[], note text, m mood)",
+    "ALTER TABLE loose REPLICA IDENTITY FULL",
+)
+
+# (statement, whether the walsender fails on it in binary: one text fallback each)
+WORKLOAD: tuple[tuple[str, bool], ...] = (
+    ("BEGIN; INSERT INTO plain VALUES (1, 'before'); CREATE TABLE cls AS SELECT * FROM pg_class;"
+     " INSERT INTO plain VALUES (2, 'after'); COMMIT", True),
+    ("ALTER TABLE cls ADD PRIMARY KEY (oid)", False),
+    ("UPDATE cls SET relacl = '{=r/postgres}' WHERE relname = 'pg_type'", True),
+    ("DELETE FROM cls WHERE relname = 'pg_proc'", False),  # the old key is the oid alone
+    ("INSERT INTO grants VALUES (1, 'postgres=r/postgres', '{postgres=arw/postgres,=r/postgres}',"
+     " ROW('x', 'postgres=w/postgres'), '{happy,happy,sad}', 1)", True),
+    # binary rows of the same table: a NULL needs no send function, a domain over aclitem
+    # itself is sent as text even in binary mode
+    ("INSERT INTO grants VALUES (2, NULL, NULL, NULL, '{ok,sad,happy}', 2),"
+     " (3, '=r/postgres', NULL, NULL, NULL, 3)", False),
+    ("UPDATE grants SET many = '{=w/postgres}', n = n + 10 WHERE id = 1", True),
+    ("UPDATE grants SET n = n + 1", True),  # rows 2 and 3 in text too, this time
+    ("UPDATE grants SET n = 0, moods = '{sad,sad,happy}' WHERE id = 2", False),
+    ("INSERT INTO loose VALUES ('{=r/postgres}', 'a', 'ok'), (NULL, 'b', 'sad'),"
+     " ('{=r/postgres}', 'a', 'ok')", True),
+    ("UPDATE loose SET note = 'c' WHERE ctid = (SELECT min(ctid) FROM loose WHERE note = 'a')",
+     True),  # found on the replica by the whole old row, in text
+    ("DELETE FROM loose WHERE note = 'b'", False),
+    ("DELETE FROM grants WHERE id = 3", False),
+    ("INSERT INTO plain VALUES (3, 'later')", False),
+)  # fmt: skip
+
+
+async def test_text_values_apply_on_the_replica_and_are_counted(
+    dsn: str, replica_dsn: str, nats: LocalNats
+) -> None:
+    await run(dsn, *SCHEMA)
+    await run(replica_dsn, "CREATE TYPE filler AS ENUM ('x')", "CREATE TYPE filler2 AS (a int)")
+    await run(replica_dsn, *SCHEMA)
+    port = free_port()
+    config = make_config(dsn, nats.url, "app")
+    config = config.model_copy(update={"metrics": config.metrics.model_copy(
+        update={"listen": f"127.0.0.1:{port}"}
+    )})  # fmt: skip
+    source = config.source("app")
+    stop = asyncio.Event()
+    task = asyncio.create_task(serve_capture(config, source, stop))
+    try:
+        await wait_for_slot(dsn, source.slot_name)
+        async with await psycopg.AsyncConnection.connect(replica_dsn, autocommit=True) as conn:
+            await set_position(conn, "app", await current_lsn(dsn), "test")
+        async with replicating(config, replica_dsn) as applying:
+            for statement, _ in WORKLOAD:
+                await run(dsn, statement)
+            await _wait_for(replica_dsn, "plain", 3, applying)
+        body = (await http_get(port, "/metrics"))[1].decode()
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+    await assert_converged(dsn, replica_dsn)
+    async with await psycopg.AsyncConnection.connect(replica_dsn) as conn:
+        cur = await conn.execute("SELECT count(*) FROM cls WHERE relacl IS NOT NULL")
+        assert ((await cur.fetchone()) or [0])[0] > 10  # pg_class's own ACLs, from the source
+    expected = sum(fails for _, fails in WORKLOAD)
+    line = f'pgcapture_capture_text_fallbacks_total{{source="app",type="aclitem"}} {expected}.0'
+    assert line in body.splitlines()
+
+    stored = [
+        pb.Message.FromString(r.message).change
+        for r in await stream_records(nats.url, source.stream_name)
+        if r.seq and not r.is_commit
+    ]
+    last = [c for c in stored if c.table == "plain"][-1]
+    assert fields(last.new)["v"].WhichOneof("value") == "binary"  # binary again after
+    rows = [c for c in stored if c.table == "grants"]
+    assert len(rows) == 9
+    assert [_formats(c) for c in rows[:4]] == [{"text"}, {"binary"}, {"binary", "text"}, {"text"}]
+    # UPDATE grants SET n = n + 1: from row 1 (aclitem[] set) on, the rows came in text
+    bumped = {fields(c.new)["id"].WhichOneof("value"): c for c in rows[4:7]}
+    assert fields(bumped["text"].new)["many"].text == "{=w/postgres}"
+    assert _formats(rows[7]) == {"binary"}

@@ -29,7 +29,9 @@ A temporary slot cannot be read again on another connection: there the error is 
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Final
@@ -38,13 +40,14 @@ import psycopg
 
 from pgcapture.capture.changes import ChangeAssembler, Record
 from pgcapture.capture.setup import prepare_source
-from pgcapture.errors import NoBinaryOutput
+from pgcapture.errors import NoBinaryOutput, SlotInUse
 from pgcapture.lsn import format_lsn
 from pgcapture.pgoutput import PgOutputDecoder
 from pgcapture.proto import pb
 from pgcapture.replication import ReplicationStream
 
 PROTOCOL_VERSION: Final = 1
+_SLOT_RELEASE: Final = 10.0  # seconds a closed stream's walsender may hold the slot
 log = logging.getLogger("pgcapture.capture")
 
 
@@ -216,14 +219,23 @@ class SlotReader:
         self._decoder = PgOutputDecoder(PROTOCOL_VERSION)
         self._assembler = ChangeAssembler()
         self._replayed_to = self._last
-        stream = await ReplicationStream.connect(self.dsn, self.status_interval)
-        try:
-            await stream.start(
-                self.slot, start_lsn, self._options(binary), confirmed=self._confirmed
-            )
-        except BaseException:
-            await stream.close()
-            raise
+        deadline = time.monotonic() + _SLOT_RELEASE
+        while True:
+            stream = await ReplicationStream.connect(self.dsn, self.status_interval)
+            try:
+                await stream.start(
+                    self.slot, start_lsn, self._options(binary), confirmed=self._confirmed
+                )
+                break
+            except SlotInUse:
+                # the walsender of the connection just closed has not exited yet
+                await stream.close()
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.05)
+            except BaseException:
+                await stream.close()
+                raise
         stream.confirm(self._confirmed)  # what was confirmed while it started
         self._stream = stream
 

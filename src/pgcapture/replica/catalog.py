@@ -38,6 +38,9 @@ class Column:
     generated: bool  # stored generated: never written
     identity_always: bool  # GENERATED ALWAYS AS IDENTITY: needs OVERRIDING SYSTEM VALUE
     fixer: Fixer | None  # rewrites type OIDs embedded in a binary value
+    # no binary receive function (aclitem, arrays and domains of it): values and NULLs are
+    # sent in text format, never in a binary array
+    text_only: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,9 +78,14 @@ SELECT json_build_object(
   'columns', (SELECT json_agg(json_build_array(
                   a.attname, a.atttypid::int8, t.typarray::int8,
                   coalesce(b.typcategory, t.typcategory) = 'A',
-                  a.attgenerated <> '', a.attidentity = 'a') ORDER BY a.attnum)
+                  a.attgenerated <> '', a.attidentity = 'a',
+                  coalesce(b.typreceive, t.typreceive) = 0
+                  OR (coalesce(b.typreceive, t.typreceive) = 'array_recv'::regproc
+                      AND coalesce(e.typreceive = 0, false)))
+                  ORDER BY a.attnum)
               FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
               LEFT JOIN pg_type b ON b.oid = t.typbasetype AND t.typtype = 'd'
+              LEFT JOIN pg_type e ON e.oid = coalesce(b.typelem, t.typelem)
               WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped))
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')
@@ -131,10 +139,10 @@ class Catalog:
             info = json.loads(res.get_value(0, 0) or b"{}")
             columns = {}
             for col in info["columns"] or ():
-                name_, type_oid, array_oid, is_array, generated, always = col
+                name_, type_oid, array_oid, is_array, generated, always, text_only = col
                 fixer = await self._fixer(pipe, type_oid)
                 columns[name_] = Column(
-                    name_, type_oid, array_oid, is_array, generated, always, fixer
+                    name_, type_oid, array_oid, is_array, generated, always, fixer, text_only
                 )
             key_cols = tuple(info["key"] or ())
             uniques = int(info["uniques"])

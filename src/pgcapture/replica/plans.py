@@ -21,6 +21,12 @@ Everything else goes row by row: changes carrying a text-format value or an arra
 (``IS NOT DISTINCT FROM`` on the values' text forms, one row at a time by ctid, like
 PostgreSQL's own apply of REPLICA IDENTITY FULL). Every statement must touch exactly the rows
 it was built for, or the batch fails.
+
+A text value (``Field.text``: a type without a binary send function, or any column of a
+transaction capture read in text, issue 14) is sent as a text-format parameter of the column's
+type, so the replica's input function parses it; whether a field is text is part of the row
+shape, so binary and text rows of one table get plans of their own and may alternate freely.
+Type OIDs are rewritten (``Column.fixer``) in binary values only.
 """
 
 from __future__ import annotations
@@ -128,18 +134,26 @@ def _columns(table: Table, shape: Shape, what: str) -> list[Column]:
     return out
 
 
-def _fixes(columns: Sequence[Column]) -> tuple[tuple[int, Fixer], ...]:
-    return tuple((i, c.fixer) for i, c in enumerate(columns) if c.fixer is not None)
+def _fixes(
+    columns: Sequence[Column], fields: Sequence[tuple[str, int, bool]] | None = None
+) -> tuple[tuple[int, Fixer], ...]:
+    """The parameters whose binary values carry type OIDs to rewrite; a text value (``fields``
+    says which) names no OID and goes to the column type's input function as it is."""
+    text = [t for _n, _o, t in fields] if fields is not None else [False] * len(columns)
+    return tuple((i, c.fixer) for i, c in enumerate(columns) if c.fixer is not None and not text[i])
 
 
 def _can_batch(columns: Sequence[Column], shapes: Sequence[Shape]) -> bool:
-    return all(not c.is_array and c.array_oid for c in columns) and not any(
+    return all(not c.is_array and c.array_oid and not c.text_only for c in columns) and not any(
         text for shape in shapes for _n, _o, text in shape
     )
 
 
-def _formats(shapes_fields: Sequence[tuple[str, int, bool]]) -> tuple[int, ...]:
-    return tuple(0 if text else 1 for _n, _o, text in shapes_fields)
+def _formats(fields: Sequence[tuple[str, int, bool]], columns: Sequence[Column]) -> tuple[int, ...]:
+    """Per parameter, 0 (text) or 1 (binary). A column type without a binary receive function
+    takes text even for NULL: the server looks the function up for every binary parameter."""
+    pairs = zip(fields, columns, strict=True)
+    return tuple(0 if text or c.text_only else 1 for (_n, _o, text), c in pairs)
 
 
 def insert_plan(table: Table, new: Shape) -> Plan:
@@ -168,7 +182,7 @@ def insert_plan(table: Table, new: Shape) -> Plan:
     sql = f"INSERT INTO {target} ({names}){overriding} VALUES ({values})"
     return Plan(
         "insert", table, next(_names), sql.encode(), tuple(c.type_oid for c in cols),
-        take, _formats(fields), False, fixes=_fixes(cols),
+        take, _formats(fields, cols), False, fixes=_fixes(cols, fields),
     )  # fmt: skip
 
 
@@ -237,7 +251,8 @@ def update_plan(table: Table, new: Shape, old: Shape, key_changes: bool) -> Plan
     assert len(take) == nkey + n_set
     return Plan(
         "update_row", table, next(_names), sql.encode(), tuple(c.type_oid for c in all_cols),
-        take, _formats(fields), False, nkey, _fixes(all_cols), key_check=key_check,
+        take, _formats(fields, all_cols), False, nkey, _fixes(all_cols, fields),
+        key_check=key_check,
     )  # fmt: skip
 
 
@@ -266,7 +281,7 @@ def delete_plan(table: Table, old: Shape) -> Plan:
     sql = f"DELETE FROM ONLY {target} WHERE {match}"
     return Plan(
         "delete_row", table, next(_names), sql.encode(), tuple(c.type_oid for c in key_cols),
-        take, _formats(fields), False, len(key_cols), _fixes(key_cols),
+        take, _formats(fields, key_cols), False, len(key_cols), _fixes(key_cols, fields),
     )  # fmt: skip
 
 
@@ -305,5 +320,5 @@ def _full_row_plan(kind: Kind, table: Table, new: Shape, old: Shape) -> Plan:
     fields = [new[i] for i in set_idx] + list(old)
     return Plan(
         kind, table, next(_names), sql.encode(), tuple(c.type_oid for c in all_cols), take,
-        _formats(fields), False, 0, _fixes(all_cols),
+        _formats(fields, all_cols), False, 0, _fixes(all_cols, fields),
     )  # fmt: skip
