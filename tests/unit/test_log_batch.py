@@ -64,17 +64,22 @@ def test_batches_carry_every_record_once_in_order(
 ) -> None:
     records = _transactions(sizes)
     batches = _all(Batcher(max_records, max_bytes), records, chunks)
-    decoded = [r for b in batches for r in decode_batch(b.payload)]
+    whole = [b for b in batches if not b.is_fragment]  # records larger than max_bytes: fragments
+    decoded = [r for b in whole for r in decode_batch(b.payload)]
+    small = [r for r in records if len(encode_record(r.lsn, r.seq, r.message)) <= max_bytes]
     assert [(r.lsn, r.seq, r.message) for r in decoded] == [
-        (r.lsn, r.seq, r.message) for r in records
+        (r.lsn, r.seq, r.message) for r in small
     ]
-    for batch in batches:
+    for batch in whole:
         inside = decode_batch(batch.payload)
         assert batch.count == len(inside) <= max_records
         assert batch.first == inside[0].checkpoint
         assert batch.last == inside[-1].checkpoint
-        assert len(batch) <= max_bytes or batch.count == 1
-    assert all(a.last < b.first for a, b in itertools.pairwise(batches))
+        assert len(batch) <= max_bytes
+    assert all(
+        a.last < b.first or (a.last == b.first and a.is_fragment)
+        for a, b in itertools.pairwise(batches)
+    )
 
 
 def test_commit_end_is_the_last_commit_of_the_batch() -> None:
@@ -109,11 +114,12 @@ def test_byte_limit_cuts_before_the_record_that_would_exceed_it() -> None:
     assert batcher.pending_bytes > 960
 
 
-def test_record_larger_than_the_limit_is_a_batch_of_its_own() -> None:
-    batcher = Batcher(1000, 100)
+def test_record_larger_than_the_limit_goes_in_fragments_of_its_own() -> None:
+    batcher = Batcher(1000, 200)
     batches = _all(batcher, [Record(1, 0, b"a"), Record(1, 1, b"z" * 500), Record(1, 2, b"c")])
-    assert [b.count for b in batches] == [1, 1, 1]
-    assert len(batches[1]) > 500
+    assert [b.count for b in batches] == [1, 1, 1, 1, 1, 1]
+    assert [b.part_end for b in batches] == [0, 136, 272, 408, 500, 0]
+    assert all(len(b) <= 200 for b in batches)
 
 
 def test_flush_of_an_empty_batcher_is_none() -> None:

@@ -8,7 +8,9 @@ stream, takes the source's single-writer lease, reads the stream's tail and open
   behind the buffer fills, the reader stops reading, and the walsender waits: memory stays
   bounded whatever the transaction size;
 * the publisher drops every record at or before the tail's checkpoint (already stored: a
-  transaction cut by a crash is completed, not repeated), cuts the rest into batches and
+  transaction cut by a crash is completed, not repeated; a record of which only some fragments
+  are stored is written again whole), cuts the rest into batches (records larger than a message
+  into fragments) and
   publishes them; a partial batch goes out at once when nothing is in flight, else after
   ``linger`` (low latency at low rates, full batches at high rates);
 * the confirmer takes acknowledged batches in publish order and confirms the slot up to their
@@ -38,7 +40,7 @@ from pgcapture.errors import ConnectionLost
 from pgcapture.log.batch import Batch, Batcher
 from pgcapture.log.client import connect_nats
 from pgcapture.log.lease import Lease
-from pgcapture.log.stream import StreamSettings, ensure_stream, read_tail
+from pgcapture.log.stream import StreamSettings, Tail, ensure_stream, read_tail
 from pgcapture.log.writer import StreamWriter
 from pgcapture.ops.http import ServiceStatus
 
@@ -143,7 +145,7 @@ class CaptureSession:
         try:
             await writer.start()
             wrapped: LogWriter = self.wrap(writer) if self.wrap else writer
-            await self._pump(reader, wrapped, writer, tail.checkpoint, keeper, stop)
+            await self._pump(reader, wrapped, writer, tail, keeper, stop)
         finally:
             await writer.close()
             await reader.close()
@@ -153,7 +155,7 @@ class CaptureSession:
         reader: SlotReader,
         writer: LogWriter,
         core: StreamWriter,
-        skip_to: Checkpoint | None,
+        tail: Tail,
         keeper: asyncio.Future[None],
         stop: asyncio.Event,
     ) -> None:
@@ -169,7 +171,7 @@ class CaptureSession:
                     tg.create_task(_failure_of(keeper)),
                     tg.create_task(self._watch_connection(core)),
                 ]
-                publisher = _Publisher(self.source, writer, reader, skip_to, core.max_batch_bytes)
+                publisher = _Publisher(self.source, writer, reader, tail, core.max_batch_bytes)
                 await publisher.run(buffer, stop)
                 await _finish(read)  # what it read but we did not publish is read again later
                 final = publisher.batcher.flush()
@@ -256,12 +258,14 @@ class _Publisher:
         source: SourceConfig,
         writer: LogWriter,
         reader: SlotReader,
-        skip_to: Checkpoint | None,
+        tail: Tail,
         max_batch_bytes: int,
     ) -> None:
         self.writer = writer
         self.reader = reader
-        self.skip_to = (skip_to.lsn, skip_to.seq) if skip_to is not None else None
+        stored = tail.checkpoint
+        self.skip_to = (stored.lsn, stored.seq) if stored is not None else None
+        self.keep_last = tail.partial  # the tail's record is only partly stored: write it again
         self.skipped = 0
         max_bytes = min(source.batch.max_bytes, max_batch_bytes)
         self.batcher = Batcher(source.batch.max_records, max_bytes)
@@ -308,7 +312,8 @@ class _Publisher:
         """Drop what the stream holds already; its commits are durable, so confirm them."""
         assert self.skip_to is not None
         for i, record in enumerate(records):
-            if (record.lsn, record.seq) > self.skip_to:
+            at = (record.lsn, record.seq)
+            if at > self.skip_to or (self.keep_last and at == self.skip_to):
                 if self.skipped:
                     log.info(
                         "skipped %d records already in the stream", self.skipped,

@@ -72,8 +72,12 @@ def _read(path: str | Path | None, what: str) -> bytes | None:
 def open_channel(
     target: str, tls: TlsConfig | None, options: Sequence[tuple[str, Any]] = ()
 ) -> Any:
-    """A ``grpc.aio`` channel to ``target`` (``host:port``), plain or TLS."""
+    """A ``grpc.aio`` channel to ``target`` (``host:port``), plain or TLS. Messages from the
+    gateway may be as large as the largest row (gRPC's default limit is 4 MiB), so the receive
+    limit is lifted unless ``options`` sets one."""
     opts = list(options)
+    if not any(name == "grpc.max_receive_message_length" for name, _ in opts):
+        opts.append(("grpc.max_receive_message_length", -1))
     if tls is None:
         return grpc.aio.insecure_channel(target, options=opts)
     if tls.server_name:

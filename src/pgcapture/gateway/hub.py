@@ -44,6 +44,7 @@ import nats.js.errors
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 
+from pgcapture.capture.changes import Record
 from pgcapture.checkpoint import Checkpoint
 from pgcapture.errors import ConfigError, SourceError
 from pgcapture.gateway.errors import GatewayError
@@ -63,6 +64,7 @@ from pgcapture.gateway.resolver import Route
 from pgcapture.log.batch import decode_batch, encode_record
 from pgcapture.log.follow import StreamGap, StreamMissing, locate
 from pgcapture.log.lease import Lease, new_owner_id
+from pgcapture.log.reader import parse_fragment, whole_record
 from pgcapture.log.stream import read_tail
 from pgcapture.ops.metrics import commit_time
 
@@ -416,15 +418,27 @@ class Hub:
             except (TimeoutError, nats.errors.TimeoutError):
                 continue
             for msg in msgs:
-                self._take(msg)
+                self._take(msg, await self._records(msg))
             self._dispatch()
+
+    async def _records(self, msg: Msg) -> list[Record]:
+        """The whole records of a stream message. A record stored in fragments belongs to the
+        message of its last fragment (read back with the fragments before it); the others hold
+        no record and are acknowledged at once."""
+        seq = msg.metadata.sequence.stream
+        fragment = parse_fragment(msg.headers, msg.data, seq)
+        if fragment is None:
+            return decode_batch(msg.data)
+        if fragment.end < fragment.total or seq in self.held:
+            return []
+        return [await whole_record(self.js, self.route.stream, seq, fragment)]
 
     def _wants_more(self) -> bool:
         """Fetch while the backlog is smaller than the room the clients have."""
         room = sum(max(s.room(), 0) for s in self.sessions)
         return room > len(self.backlog)
 
-    def _take(self, msg: Msg) -> None:
+    def _take(self, msg: Msg, decoded: list[Record]) -> None:
         meta = msg.metadata
         seq, delivered = meta.sequence.stream, meta.num_delivered
         if seq in self.held:
@@ -434,7 +448,6 @@ class Hub:
         batch.acked = skip  # still settled if this delivery is requeued again
         items: list[Item] = []
         times, sessions = self._times, self.sessions
-        decoded = decode_batch(msg.data)
         if decoded and decoded[-1].lsn > self.taken_lsn:
             self.taken_lsn = decoded[-1].lsn
             self._taken.set()

@@ -52,7 +52,7 @@ def server_options(settings: GatewayConfig) -> list[tuple[str, Any]]:
     every 10 s, so clients may keep long idle streams alive through proxies.
     """
     return [
-        ("grpc.max_send_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", -1),  # a change is as large as its row
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.keepalive_time_ms", 30_000),
         ("grpc.keepalive_timeout_ms", 10_000),

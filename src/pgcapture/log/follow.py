@@ -8,7 +8,8 @@ after that position (removed by its retention limits).
 ``Follower`` reads from there with an ephemeral pull consumer (no acknowledgements: the position
 lives with the reader, e.g. in the replica) and prefetches a bounded number of messages, so
 reading the log overlaps with applying it. It checks what the log promises: messages come in
-sequence order without holes, and checkpoints only increase. Anything unexpected ends the
+sequence order without holes, and checkpoints only increase. A record stored in fragments comes
+out whole, as one batch, with the last fragment (``Assembler``). Anything unexpected ends the
 follower with an error; the caller starts again from its own position.
 """
 
@@ -24,7 +25,7 @@ from nats.js import JetStreamContext, api
 
 from pgcapture.checkpoint import Checkpoint
 from pgcapture.errors import ConnectionLost, PgCaptureError
-from pgcapture.log.reader import StoredBatch, bounds, parse_message
+from pgcapture.log.reader import Assembler, StoredBatch, bounds
 from pgcapture.lsn import format_lsn
 
 _END: Final = object()
@@ -108,7 +109,7 @@ class Follower:
         self._queue: asyncio.Queue[StoredBatch | object] = asyncio.Queue(prefetch)
         self._task: asyncio.Task[None] | None = None
         self._error: BaseException | None = None
-        self._previous: Checkpoint | None = None
+        self._assembler = Assembler()
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=f"follow {self._stream}")
@@ -181,10 +182,10 @@ class Follower:
                             f"{self._next} was expected: messages were removed by the "
                             "stream's retention limits before they were applied"
                         )
-                    batch = parse_message(msg, seq, self._previous)
-                    self._previous = batch.last
+                    batch = self._assembler.feed(msg, seq)
                     self._next = seq + 1
-                    await self._queue.put(batch)
+                    if batch is not None:
+                        await self._queue.put(batch)
         finally:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()

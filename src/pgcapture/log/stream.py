@@ -4,7 +4,9 @@ The layout (docs/protocol.md, "The log on NATS JetStream"): one stream per sourc
 ``PGCAPTURE_<SOURCE>`` on subject ``pgcapture.<source>``, retention by limits with discard-old,
 a duplicate window, direct get allowed. Each message's payload is a ``LogBatch``; its headers
 carry the first and last checkpoint keys (``Pgcapture-First``, ``Pgcapture-Last``), and
-``Nats-Msg-Id`` is the last one.
+``Nats-Msg-Id`` is the last one. A fragment of a record too large for one message also carries
+``Pgcapture-Part`` = ``<end>/<total>`` (bytes of the record up to the end of this fragment, and
+in all); only the record's last fragment has a ``Nats-Msg-Id``.
 
 ``ensure_stream`` creates a missing stream; an existing one with other settings is reported with
 every difference, never changed. ``read_tail`` says where the stream ends: its last sequence and
@@ -24,6 +26,19 @@ from pgcapture.errors import ConfigError, SourceError
 
 HEADER_FIRST: Final = "Pgcapture-First"
 HEADER_LAST: Final = "Pgcapture-Last"
+HEADER_PART: Final = "Pgcapture-Part"
+
+
+def part_header(end: int, total: int) -> str:
+    return f"{end}/{total}"
+
+
+def parse_part(value: str | None) -> tuple[int, int] | None:
+    """(end, total) of a ``Pgcapture-Part`` header value; None when absent."""
+    if not value:
+        return None
+    end, _, total = value.partition("/")
+    return int(end), int(total)
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,10 +133,15 @@ def _create_hint(exc: nats.js.errors.APIError) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Tail:
-    """Where the stream ends: its last sequence (0 if never written) and last stored checkpoint."""
+    """Where the stream ends: its last sequence (0 if never written) and last stored checkpoint.
+
+    ``partial`` is True when the last message is a fragment that is not its record's last (a
+    capture stopped in the middle of a large record): that record is not stored whole, so it is
+    written again, from its first fragment."""
 
     seq: int
     checkpoint: Checkpoint | None
+    partial: bool = False
 
 
 async def read_tail(js: JetStreamContext, stream: str) -> Tail:
@@ -145,4 +165,6 @@ async def read_tail(js: JetStreamContext, stream: str) -> Tail:
             "header, so it was not written by `pgcapture capture`; give this source a stream "
             "of its own"
         )
-    return Tail(last_seq, Checkpoint.from_key(key))
+    part = parse_part(msg.headers.get(HEADER_PART) if msg.headers else None)
+    partial = part is not None and part[0] != part[1]
+    return Tail(last_seq, Checkpoint.from_key(key), partial)

@@ -2,7 +2,9 @@
 
 Each message's payload is a ``LogBatch``; its headers carry the first and last checkpoint keys
 (``Pgcapture-First``, ``Pgcapture-Last``) and ``Nats-Msg-Id`` = the last checkpoint key (the
-layout is in ``pgcapture.log.stream`` and docs/protocol.md).
+layout is in ``pgcapture.log.stream`` and docs/protocol.md). A fragment of a large record also
+carries ``Pgcapture-Part``, and only the record's last fragment has a ``Nats-Msg-Id``: after a
+crash in the middle of a record, its fragments are written again from the first one.
 
 ``StreamWriter`` keeps many publishes in flight (bounded in messages and in bytes; ``publish``
 waits for room, which is the back-pressure that reaches the slot reader) and hands batches back
@@ -36,7 +38,14 @@ from nats.js import api
 
 from pgcapture.errors import ConfigError, ConnectionLost, ProtocolError
 from pgcapture.log.batch import Batch
-from pgcapture.log.stream import HEADER_FIRST, HEADER_LAST, StreamSettings, Tail
+from pgcapture.log.stream import (
+    HEADER_FIRST,
+    HEADER_LAST,
+    HEADER_PART,
+    StreamSettings,
+    Tail,
+    part_header,
+)
 
 _MSG_ID: Final = api.Header.MSG_ID.value
 _EXPECTED_LAST_SEQ: Final = api.Header.EXPECTED_LAST_SEQUENCE.value
@@ -70,6 +79,7 @@ class StreamWriter:
         self.ack_timeout = ack_timeout
         self._seq = tail.seq  # stream sequence of the last publish
         self._last = tail.checkpoint  # checkpoint of the last record published
+        self._open = tail.partial  # _last is a record of which only some fragments are stored
         self._queue: deque[_InFlight] = deque()
         self._acks: dict[int, asyncio.Future[tuple[dict[str, str] | None, bytes]]] = {}
         self._bytes = 0
@@ -146,11 +156,14 @@ class StreamWriter:
         self._bytes += len(batch)
         last = batch.last.key()
         headers = {
-            _MSG_ID: last,
             HEADER_FIRST: batch.first.key(),
             HEADER_LAST: last,
             _EXPECTED_LAST_SEQ: str(seq - 1),
         }
+        if batch.completes_record:
+            headers[_MSG_ID] = last
+        if batch.is_fragment:
+            headers[HEADER_PART] = part_header(batch.part_end, batch.part_total)
         try:
             await self._nc.publish(
                 self.settings.subject, batch.payload, reply=f"{self._inbox}.{seq}", headers=headers
@@ -160,19 +173,29 @@ class StreamWriter:
         self._changed.set()
 
     def _check(self, batch: Batch) -> None:
-        """The log only moves forward, and every message fits the server."""
-        if (self._last is not None and batch.first <= self._last) or batch.last < batch.first:
+        """The log only moves forward (a record's fragments share its checkpoint), and every
+        message fits the server."""
+        last = self._last
+        continues = self._open and batch.first == last  # the record again, after a restart
+        if (last is not None and batch.first <= last and not continues) or (
+            batch.last < batch.first
+        ):
             raise ProtocolError(
-                f"batch {batch.first}..{batch.last} does not follow {self._last}: the log must "
+                f"batch {batch.first}..{batch.last} does not follow {last}: the log must "
                 "only move forward"
             )
-        if len(batch) > self._nc.max_payload:
+        if self._open and not continues:
+            raise ProtocolError(
+                f"batch {batch.first}..{batch.last} follows an unfinished record at {last}"
+            )
+        if len(batch) > self.max_batch_bytes:
             raise ConfigError(
-                f"a record at {batch.first} is {len(batch)} bytes, more than the NATS server's "
-                f"max_payload ({self._nc.max_payload}); raise max_payload in the nats-server "
-                "configuration (up to 64MB)"
+                f"a message for {batch.first} is {len(batch)} bytes, more than the NATS "
+                f"server's max_payload ({self._nc.max_payload}); lower [sources.NAME.batch] "
+                "max_bytes"
             )
         self._last = batch.last
+        self._open = not batch.completes_record
 
     async def acked(self) -> Batch:
         """The next batch JetStream stored, in publish order (waits for it)."""

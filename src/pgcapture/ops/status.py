@@ -40,7 +40,7 @@ from psycopg.rows import dict_row
 from pgcapture.checkpoint import Checkpoint
 from pgcapture.config import Config, SourceConfig, UriConfig
 from pgcapture.errors import PgCaptureError, SourceError
-from pgcapture.log.batch import decode_batch
+from pgcapture.log.batch import Fragment, decode_payload
 from pgcapture.log.client import connect_nats
 from pgcapture.log.stream import read_tail
 from pgcapture.lsn import LSN
@@ -387,12 +387,15 @@ async def _stream(js: JetStreamContext, source: SourceConfig, now: datetime) -> 
 
 async def _last_commit_time(js: JetStreamContext, stream: str, seq: int) -> datetime | None:
     """The source commit time of the last Begin or Commit in message ``seq`` (None when the
-    message holds neither: the middle of a large transaction)."""
+    message holds neither: the middle of a large transaction, or a fragment of a large change)."""
     try:
         msg = await js.get_msg(stream, seq=seq)
     except nats.js.errors.NotFoundError:
         return None  # removed by the retention limits meanwhile
-    for record in reversed(decode_batch(msg.data or b"")):
+    records = decode_payload(msg.data or b"")
+    if isinstance(records, Fragment):
+        return None  # a part of a large change
+    for record in reversed(records):
         if pb.Message.FromString(record.message).WhichOneof("type") in ("begin", "commit"):
             return datetime.fromtimestamp(commit_time(record.message), UTC)
     return None

@@ -337,20 +337,30 @@ class LogRecord(_message.Message):
     LSN_FIELD_NUMBER: _builtins.int
     SEQ_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
+    TOTAL_FIELD_NUMBER: _builtins.int
     lsn: _builtins.int
     seq: _builtins.int
     message: _builtins.bytes
-    """a serialized Message"""
+    """a serialized Message, or one slice of it (a fragment)"""
+    offset: _builtins.int
+    """A record too large for one stream message is stored in fragments, one per message, in
+    consecutive stream sequences: `message` holds bytes [offset, offset + len) of the record's
+    Message, whose whole length is `total` (0 when the record is not fragmented).
+    """
+    total: _builtins.int
     def __init__(
         self,
         *,
         lsn: _builtins.int = ...,
         seq: _builtins.int = ...,
         message: _builtins.bytes = ...,
+        offset: _builtins.int = ...,
+        total: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["lsn", b"lsn", "message", b"message", "seq", b"seq"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lsn", b"lsn", "message", b"message", "offset", b"offset", "seq", b"seq", "total", b"total"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
