@@ -294,7 +294,13 @@ async def test_create_table_as_and_select_into_are_logged_at_command_start(
     ]
     await run(session, *statements)
     rows = await logged(session)
-    assert queries(rows) == statements
+    assert queries(rows) == [
+        "CREATE TABLE c1 (a integer)",
+        "CREATE TABLE c2 (b integer)",
+        "CREATE TABLE c3 (c integer)",
+        statements[3],  # a materialized view keeps its defining query
+    ]
+    assert [r.activity.get("statement") for r in rows] == [*statements[:3], None]
     assert [(r.tag, r.activity["phase"]) for r in rows] == [
         ("CREATE TABLE AS", "start"),
         ("SELECT INTO", "start"),
@@ -331,16 +337,65 @@ async def test_ddl_that_fails_inside_an_exception_block_is_not_logged(
     ]
 
 
-async def test_executing_a_prepared_select_into_is_logged_as_not_exact(
+async def test_create_table_as_is_logged_as_the_table_it_makes(
     session: psycopg.AsyncConnection[Any],
 ) -> None:
-    # EXECUTE fires SELECT INTO, but its text names no DDL: the whole string is logged
-    await run(session, "PREPARE p AS SELECT 1 AS a INTO from_prepared", "EXECUTE p")
-    rows = await logged(session)
-    assert [(r.query, r.tag, r.activity["exact"]) for r in rows] == [
-        ("EXECUTE p", "SELECT INTO", False)
+    # the query may read what only this session has: its columns are what the server made
+    await run(
+        session,
+        'CREATE TEMP TABLE tmp (a int, b text COLLATE "C", c numeric(10,2), d varchar(5)[])',
+        "CREATE TYPE mood AS ENUM ('ok')",
+        "PREPARE p (int, mood) AS SELECT $1 + 1 AS a, $2 AS m, now() AS t, 'x'::varchar(3) AS v",
+        "CREATE TABLE from_exec AS EXECUTE p(1, 'ok')",
+        "CREATE UNLOGGED TABLE IF NOT EXISTS from_temp (x, y) USING heap "
+        "WITH (fillfactor = 50) AS SELECT * FROM tmp WITH NO DATA",
+        "SELECT random() AS r, b INTO public.into_temp FROM tmp",
+        "PREPARE pi (int) AS SELECT $1 AS a, b INTO from_prepared FROM tmp",
+        "EXECUTE pi(3)",
+        "PREPARE pt AS SELECT 1 AS a INTO TEMP from_prepared_temp",
+        "EXECUTE pt",
+    )
+    rows = [r for r in await logged(session) if r.tag in ("CREATE TABLE AS", "SELECT INTO")]
+    assert [(r.query, r.activity["statement"]) for r in rows] == [
+        (
+            "CREATE TABLE from_exec (a integer, m public.mood, t timestamp with time zone, "
+            "v character varying(3))",
+            "CREATE TABLE from_exec AS EXECUTE p(1, 'ok')",
+        ),
+        (
+            "CREATE UNLOGGED TABLE IF NOT EXISTS from_temp (x integer, "
+            'y text COLLATE pg_catalog."C", c numeric(10,2), d character varying(5)[]) '
+            "USING heap WITH (fillfactor = 50)",
+            "CREATE UNLOGGED TABLE IF NOT EXISTS from_temp (x, y) USING heap "
+            "WITH (fillfactor = 50) AS SELECT * FROM tmp WITH NO DATA",
+        ),
+        (
+            'CREATE TABLE public.into_temp (r double precision, b text COLLATE pg_catalog."C")',
+            "SELECT random() AS r, b INTO public.into_temp FROM tmp",
+        ),
+        ('CREATE TABLE from_prepared (a integer, b text COLLATE pg_catalog."C")', "EXECUTE pi(3)"),
     ]
-    assert rows[0].activity["reason"]
+    assert all(r.activity["exact"] and r.activity["effect"] for r in rows)
+    # the logged statement makes the very table the source made
+    for name in ("from_exec", "from_temp", "into_temp", "from_prepared"):
+        made = await _table_shape(session, name)
+        query = next(r.query for r in rows if f" {name} " in r.query or f".{name} " in r.query)
+        await run(session, f"ALTER TABLE {name} RENAME TO made", query)
+        assert await _table_shape(session, name) == made
+        await run(session, f"DROP TABLE {name}", f"ALTER TABLE made RENAME TO {name}")
+
+
+async def _table_shape(conn: psycopg.AsyncConnection[Any], name: str) -> tuple[Any, ...]:
+    cur = await conn.execute(
+        "SELECT array_agg(format('%%s %%s %%s', attname, format_type(atttypid, atttypmod), "
+        "attcollation::regcollation) ORDER BY attnum), min(relpersistence), min(reloptions::text) "
+        "FROM pg_attribute JOIN pg_class ON attrelid = pg_class.oid "
+        "WHERE attrelid = %s::regclass AND attnum > 0",
+        (name,),
+    )
+    row = await cur.fetchone()
+    assert row is not None
+    return tuple(row)
 
 
 async def test_the_users_search_path_is_left_as_it_was(

@@ -437,6 +437,10 @@ BEGIN
     WHEN 'select', 'with' THEN
         RETURN CASE WHEN pgcapture.select_into_at(sw.words, sw.depths) IS NOT NULL
                     THEN 'SELECT INTO' END;
+    WHEN 'execute' THEN
+        -- EXECUTE of a prepared SELECT ... INTO is a SELECT INTO (the only DDL PREPARE takes)
+        RETURN CASE WHEN pgcapture.ddl_tag_prefix(pgcapture.prepared_query(stmt)) = 'SELECT INTO'
+                    THEN 'SELECT INTO' END;
     ELSE
         RETURN NULL;
     END CASE;
@@ -946,9 +950,218 @@ AS $fn$
                                   'object_identity', o ->> 'object_identity')), '[]')
                            FROM jsonb_array_elements(objects) AS o))
            || jsonb_strip_nulls(jsonb_build_object('reason', e -> 'reason',
-                                                   'rewritten', e -> 'rewritten'))
+                                                   'rewritten', e -> 'rewritten',
+                                                   'statement', e -> 'statement',
+                                                   'effect', e -> 'effect'))
     FROM (SELECT 1) AS one
     LEFT JOIN pg_stat_activity AS a ON a.pid = pg_backend_pid();
+$fn$;
+
+-- ---------------------------------------------------------------------------------------------
+-- CREATE TABLE AS and SELECT INTO by their effect. Their query can read what only the source's
+-- session has (a prepared statement, temporary tables) or give other rows when run again
+-- (volatile functions, data the replica lacks). So they are logged as the equivalent CREATE
+-- TABLE with the columns the statement makes, and the rows follow in the stream (issue 14).
+
+-- The parts of a CREATE TABLE AS or SELECT INTO statement: head (CREATE ... TABLE [IF NOT
+-- EXISTS] name, as written, or for SELECT INTO the CREATE [UNLOGGED] TABLE name it means), cols
+-- (the column name list in parentheses, or ''), tail (the clauses between it and AS: USING,
+-- WITH (...), TABLESPACE, ...) and query (the query whose result fills the table, without INTO
+-- and WITH [NO] DATA). All NULL when the text does not have that form.
+CREATE OR REPLACE FUNCTION pgcapture.table_as_parts(
+    stmt text, OUT head text, OUT cols text, OUT tail text, OUT query text)
+LANGUAGE plpgsql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    t record;
+    w text[] := '{}';
+    f int[] := '{}';
+    l int[] := '{}';
+    d int[] := '{}';
+    depth int := 0;
+    n int;
+    i int;
+    j int;
+    q int;
+    unlogged boolean := false;
+BEGIN
+    FOR t IN SELECT * FROM pgcapture.lex(stmt) AS x WHERE x.kind <> 'comment' LOOP
+        IF t.kind = 'op' AND t.word = ')' THEN
+            depth := depth - 1;
+        END IF;
+        w := w || CASE t.kind WHEN 'word' THEN t.word WHEN 'op' THEN t.word
+                              WHEN 'ident' THEN '"' || t.word ELSE '<' || t.kind || '>' END;
+        f := f || t.first;
+        l := l || t.last;
+        d := d || depth;
+        IF t.kind = 'op' AND t.word = '(' THEN
+            depth := depth + 1;
+        END IF;
+    END LOOP;
+    n := cardinality(w);
+    IF w[1] = 'create' THEN
+        -- CREATE [opts] TABLE [IF NOT EXISTS] name [(cols)] [tail] AS query [WITH [NO] DATA]
+        i := array_position(w, 'table') + 1;
+        IF w[i : i + 2] = '{if,not,exists}' THEN
+            i := i + 3;
+        END IF;
+        WHILE w[i + 1] = '.' LOOP
+            i := i + 2;
+        END LOOP;
+        head := left(stmt, l[i]);
+        i := i + 1;
+        cols := '';
+        IF w[i] = '(' THEN
+            j := i + 1;
+            WHILE j <= n AND NOT (w[j] = ')' AND d[j] = d[i]) LOOP
+                j := j + 1;
+            END LOOP;
+            cols := substr(stmt, f[i], l[j] - f[i] + 1);
+            i := j + 1;
+        END IF;
+        j := i;
+        WHILE j <= n AND NOT (w[j] = 'as' AND d[j] = 0) LOOP
+            j := j + 1;
+        END LOOP;
+        IF j >= n THEN
+            head := NULL;
+            RETURN;
+        END IF;
+        tail := CASE WHEN j > i THEN substr(stmt, f[i], l[j - 1] - f[i] + 1) ELSE '' END;
+        q := n;
+        IF w[n] = 'data' AND w[n - 1] = 'with' THEN
+            q := n - 2;
+        ELSIF w[n] = 'data' AND w[n - 2 : n - 1] = '{with,no}' THEN
+            q := n - 3;
+        END IF;
+        query := substr(stmt, f[j + 1], l[q] - f[j + 1] + 1);
+    ELSE
+        -- SELECT ... INTO [TEMP | UNLOGGED ...] [TABLE] name ...
+        q := pgcapture.select_into_at(w, d);
+        IF q IS NULL THEN
+            RETURN;
+        END IF;
+        i := q + 1;
+        WHILE w[i] IN ('unlogged', 'global', 'local', 'temp', 'temporary') LOOP
+            unlogged := unlogged OR w[i] = 'unlogged';
+            i := i + 1;
+        END LOOP;
+        IF w[i] = 'table' THEN
+            i := i + 1;
+        END IF;
+        j := i;
+        WHILE w[j + 1] = '.' LOOP
+            j := j + 2;
+        END LOOP;
+        head := format('CREATE %sTABLE %s', CASE WHEN unlogged THEN 'UNLOGGED ' ELSE '' END,
+                       substr(stmt, f[i], l[j] - f[i] + 1));
+        cols := '';
+        tail := '';
+        query := left(stmt, f[q] - 1) || substr(stmt, l[j] + 1);
+    END IF;
+END
+$fn$;
+
+-- The query of a prepared statement run by `EXECUTE name [(args)]`, with its parameters
+-- replaced by NULLs of their types (only the result's shape is wanted), or NULL.
+CREATE OR REPLACE FUNCTION pgcapture.prepared_query(execute_stmt text)
+RETURNS text
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    pname text;
+    ps record;
+    src text;
+    t record;
+    done int := 0;
+    out text := '';
+BEGIN
+    SELECT x.word INTO pname FROM pgcapture.lex(execute_stmt) AS x
+    WHERE x.kind <> 'comment' ORDER BY x.first OFFSET 1 LIMIT 1;
+    SELECT * INTO ps FROM pg_prepared_statements AS p WHERE p.name = pname;
+    IF NOT FOUND THEN
+        RETURN NULL;
+    END IF;
+    src := ps.statement;
+    IF ps.from_sql THEN
+        -- the text is the client's query string: its PREPARE name [(types)] AS query
+        SELECT s.body INTO src FROM pgcapture.statements(ps.statement) AS s
+        WHERE (pgcapture.statement_words(s.body)).words[1:2] IN (ARRAY['prepare', pname],
+                                                               ARRAY['prepare', '"' || pname])
+        LIMIT 1;
+        SELECT x.last INTO done FROM pgcapture.lex(src) AS x
+        WHERE x.kind = 'word' AND x.word = 'as' ORDER BY x.first LIMIT 1;
+        src := substr(src, done + 1);
+    END IF;
+    done := 0;
+    FOR t IN SELECT * FROM pgcapture.lex(src) AS x WHERE x.kind = 'param' ORDER BY x.first LOOP
+        out := out || substr(src, done + 1, t.first - done - 1) || format('(NULL::%s)',
+            ps.parameter_types[substr(src, t.first + 1, t.last - t.first)::int]);
+        done := t.last;
+    END LOOP;
+    RETURN out || substr(src, done + 1);
+END
+$fn$;
+
+-- The entry `e` of a CREATE TABLE AS / SELECT INTO with `query` replaced by the CREATE TABLE it
+-- amounts to, and the statement as written kept in `statement`. The columns come from a
+-- temporary view over the same query, made in this session with the user's search path: the
+-- server gives its columns the names, types, type modifiers and collations it gives the new
+-- table's, and only parses the query (nothing is run, which matters since this function runs
+-- as its owner). Unchanged when the statement has another form or the view cannot be made.
+CREATE OR REPLACE FUNCTION pgcapture.table_as_effect(e jsonb, user_path text)
+RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    p record;
+    q text;
+    shape text := format('pg_temp.%I', 'pgcapture_shape_' || pg_backend_pid());
+    columns text;
+    role text := current_setting('session_replication_role');
+BEGIN
+    p := pgcapture.table_as_parts(e ->> 'query');
+    q := p.query;
+    IF p.head IS NULL THEN
+        RETURN e;
+    ELSIF (pgcapture.statement_words(q)).words[1] = 'execute' THEN
+        q := pgcapture.prepared_query(q);
+    END IF;
+    IF q IS NULL THEN
+        RETURN e;
+    END IF;
+    -- Event triggers (other ones too) do not fire for the view while the session replication
+    -- role is replica. Without the privilege to set it, they see it come and go.
+    BEGIN
+        PERFORM set_config('session_replication_role', 'replica', true);
+    EXCEPTION WHEN insufficient_privilege THEN
+        NULL;
+    END;
+    PERFORM set_config('search_path', user_path, true);
+    EXECUTE format('CREATE TEMP VIEW %s %s AS %s', shape, p.cols, q);
+    PERFORM set_config('search_path', 'pg_catalog, pg_temp', true);
+    SELECT string_agg(format('%I %s%s', a.attname, format_type(a.atttypid, a.atttypmod),
+                             CASE WHEN a.attcollation <> 0 AND a.attcollation <> ty.typcollation
+                                  THEN format(' COLLATE %I.%I', cn.nspname, co.collname) END),
+                      ', ' ORDER BY a.attnum)
+    INTO columns
+    FROM pg_attribute AS a
+    JOIN pg_type AS ty ON ty.oid = a.atttypid
+    LEFT JOIN pg_collation AS co ON co.oid = a.attcollation
+    LEFT JOIN pg_namespace AS cn ON cn.oid = co.collnamespace
+    WHERE a.attrelid = shape::regclass AND a.attnum > 0 AND NOT a.attisdropped;
+    EXECUTE format('DROP VIEW %s', shape);
+    PERFORM set_config('session_replication_role', role, true);
+    RETURN e || jsonb_build_object(
+        'statement', e ->> 'query', 'effect', true,
+        'query', format('%s (%s)%s', p.head, coalesce(columns, ''),
+                        CASE WHEN p.tail <> '' THEN ' ' || p.tail ELSE '' END));
+EXCEPTION WHEN OTHERS THEN
+    RETURN e;  -- logged as written: a replica runs the query itself
+END
 $fn$;
 
 -- ---------------------------------------------------------------------------------------------
@@ -972,12 +1185,27 @@ RETURNS jsonb
 LANGUAGE plpgsql VOLATILE
 SET search_path = pg_catalog, pg_temp
 AS $fn$
+DECLARE
+    written text := e ->> 'query';
+    exact boolean := (e ->> 'exact')::boolean;
 BEGIN
+    IF exact AND (pgcapture.statement_words(written)).words[1] = 'execute' THEN
+        -- EXECUTE of a prepared SELECT INTO: judged by the prepared query
+        e := e || jsonb_build_object('query', pgcapture.prepared_query(written));
+    END IF;
     IF e ->> 'source' = 'internal' THEN
         RETURN e;
-    ELSIF (e ->> 'exact')::boolean AND pgcapture.names_temp_relation(
+    ELSIF exact AND pgcapture.names_temp_relation(
             e ->> 'query', pgcapture.creates_in_temp_schema(user_path)) THEN
         RETURN e || '{"skip": "temporary"}';
+    ELSIF exact THEN
+        e := pgcapture.table_as_effect(e, user_path);
+        IF e ? 'effect' THEN
+            e := e || jsonb_build_object('statement', written);
+        ELSIF e ->> 'query' IS DISTINCT FROM written THEN
+            e := e || jsonb_build_object('query', written, 'exact', false, 'reason',
+                'cannot tell the columns of the table made by EXECUTE of a prepared SELECT INTO');
+        END IF;
     END IF;
     PERFORM pgcapture.write_log(e, 'start', '[]', user_path);
     RETURN e || '{"logged": true}';

@@ -16,10 +16,11 @@ skip it. The rules:
   PARTITION: the statement then runs inside the apply transaction, atomically with the replica
   position, instead of needing a transaction of its own (the replica has no writers to keep
   going meanwhile); ``DETACH PARTITION ... FINALIZE`` is then skipped.
-* CREATE TABLE AS and SELECT INTO create and fill the table from the replica's own data; when
-  the source's rows for the new table follow in the same transaction, they replace those
-  (``creates``), so the replica holds the source's rows even for a query that would give other
-  rows when run again.
+* CREATE TABLE AS and SELECT INTO arrive as the CREATE TABLE they made on the source
+  (``activity.effect``, docs/ddl.md), and their rows follow in the stream. A row logged as
+  written (an older capture, or a query whose columns the source could not take) creates and
+  fills the table from the replica's own data; when the source's rows for the new table follow
+  in the same transaction, they replace those (``creates``).
 """
 
 from __future__ import annotations
