@@ -129,7 +129,7 @@ class LockConfig(_Section):
     """``[sources.NAME.lock]``: the single-writer lease."""
 
     ttl: int = Field(default=15, ge=1)
-    wait: Duration = 0.0
+    wait: Duration | None = None  # None: wait until the lease is released or expires
 
 
 class ReplicaConfig(_Section):

@@ -95,14 +95,16 @@ async def test_empty_stream_starts_at_the_slot_not_at_the_wal_end(
     assert_same_log(await stream_records(nats.url, source.stream_name), expected)
 
 
-async def test_second_capture_fails_at_once_naming_the_holder(dsn: str, nats: LocalNats) -> None:
+async def test_second_capture_with_no_lock_wait_fails_at_once_naming_the_holder(
+    dsn: str, nats: LocalNats
+) -> None:
     name = source_name()
     config = make_config(dsn, nats.url, name)
     async with capturing(config, name):
         await wait_until_running(nats.url, name)
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "pgcapture", "capture", "--dsn", dsn, "--nats", nats.url,
-            "--source", name, stderr=asyncio.subprocess.PIPE,
+            "--source", name, "--lock-wait", "0", stderr=asyncio.subprocess.PIPE,
         )  # fmt: skip
         _, err = await asyncio.wait_for(proc.communicate(), 20)
     assert proc.returncode == 2

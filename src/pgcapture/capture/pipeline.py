@@ -109,7 +109,8 @@ class CaptureSession:
                 js, self.nats_cfg.lock_bucket, self.source.name, self.owner,
                 ttl=self.source.lock.ttl, replicas=self.source.stream.replicas,
             )  # fmt: skip
-            await lease.acquire(self.source.lock.wait)
+            if not await lease.acquire(self.source.lock.wait, stop):
+                return  # stopped while waiting for another process's lease
             keeper = asyncio.ensure_future(lease.keep())  # from now on, even while connecting
             try:
                 await self._with_lease(nc, lease, keeper, stop)

@@ -63,7 +63,11 @@ def _split(tables: str | None) -> list[str] | None:
 @click.option("--storage", type=click.Choice(["file", "memory"]), help="Stream storage.")
 @click.option("--max-age", help='Stream retention by age, e.g. "7d" (0 = unlimited).')
 @click.option("--max-bytes", help='Stream retention by size, e.g. "50GiB" (-1 = unlimited).')
-@click.option("--lock-wait", help="Seconds to wait for another capture's lease to expire.")
+@click.option(
+    "--lock-wait",
+    help="Give up after this long if another capture holds the lease (default: wait until "
+    "it is released or expires; a crashed holder on this host is taken over at once).",
+)
 @ops_options(":9187")
 @set_option("sources.app.batch.linger=10ms")
 def capture(

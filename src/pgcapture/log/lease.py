@@ -1,31 +1,36 @@
 """One writer per source: a lease in a JetStream key-value bucket.
 
 The bucket (default ``pgcapture_locks``, an ordinary NATS KV bucket, readable with
-``nats kv get pgcapture_locks <source>``) holds, under the source's name, who captures it. The
-entry is written with a per-message TTL (``Nats-TTL``, nats-server 2.11 or newer) and
-compare-and-set on the key's revision (``Nats-Expected-Last-Subject-Sequence``):
+``nats kv get pgcapture_locks <source>``) holds, under the source's name, who captures it
+(``owner``: host, pid, start time, and what identifies the process on its machine). The entry is
+written with a per-message TTL (``Nats-TTL``, nats-server 2.11 or newer) and compare-and-set on
+the key's revision (``Nats-Expected-Last-Subject-Sequence``):
 
-* ``acquire`` creates the entry only if the key holds nothing; if another owner holds it, it
-  fails at once with ``SourceError`` naming the holder (or keeps trying for ``wait`` seconds).
-  This holds even while the other process is between connections, which the slot being active
-  in PostgreSQL would not show.
+* ``acquire`` takes the key at once when it holds nothing, or a holder that this process can
+  prove dead (same machine, boot and PID namespace, and its pid gone or reused: ``owner``), by
+  compare-and-set on the revision it read, so of several processes taking over only one wins.
+  A live holder, or one it cannot see (another host or container), is waited for until it
+  releases the lease or its entry expires, with a log line naming it now and then; ``wait``
+  bounds that wait, after which ``SourceError`` names the holder. This holds even while the
+  other process is between connections, which the slot being active in PostgreSQL would not
+  show.
 * ``refresh`` rewrites it with the revision it last wrote, well within the TTL; if that fails
   the lease is lost and ``ConnectionLost`` says so, so the caller stops publishing at once.
 * ``release`` leaves a delete marker (with the TTL), so the next ``capture`` starts at once
   instead of waiting for the TTL after a clean stop.
 
-After a crash the entry expires by itself ``ttl`` seconds after its last refresh.
+After a crash the entry expires by itself ``ttl`` seconds after its last refresh, unless a
+restart on the same machine takes it over first. The lease keeps a second writer from starting;
+the stream's expected-sequence check refuses one that publishes anyway (docs/architecture.md).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import os
-import socket
+import logging
+import math
 import time
-import uuid
 from dataclasses import dataclass
 from typing import Final, NoReturn
 
@@ -34,31 +39,17 @@ import nats.js.errors
 from nats.js import JetStreamContext, api
 
 from pgcapture.errors import ConfigError, ConnectionLost, SourceError
+from pgcapture.log.owner import describe_owner, new_owner_id, owner_is_gone
+
+__all__ = ["Lease", "describe_owner", "new_owner_id"]
+
+log = logging.getLogger("pgcapture.lease")
 
 _EXPECTED: Final = api.Header.EXPECTED_LAST_SUBJECT_SEQUENCE.value
 _OPERATION: Final = "KV-Operation"
 _WRONG_LAST_SEQUENCE: Final = 10071
-
-
-def new_owner_id() -> str:
-    """A description of this process that is unique among all processes."""
-    return json.dumps(
-        {
-            "host": socket.gethostname(),
-            "pid": os.getpid(),
-            "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "id": uuid.uuid4().hex[:12],
-        },
-        separators=(",", ":"),
-    )
-
-
-def describe_owner(value: bytes) -> str:
-    try:
-        owner = json.loads(value)
-        return f"pid {owner['pid']} on host {owner['host']} (since {owner['since']})"
-    except (ValueError, KeyError, TypeError):
-        return repr(value[:200])
+_REPORT_EVERY: Final = 10.0
+"""Seconds between the log lines naming the holder a process waits for."""
 
 
 @dataclass
@@ -94,19 +85,46 @@ class Lease:
                 "create it, or set [nats] lock_bucket to another name"
             )
 
-    async def acquire(self, wait: float = 0.0) -> None:
-        """Take the lease, or fail with ``SourceError`` naming its holder."""
+    async def acquire(self, wait: float | None = None, stop: asyncio.Event | None = None) -> bool:
+        """Take the lease; False if ``stop`` was set first.
+
+        Free, already ours, or held by a process proven dead: taken at once. Held otherwise:
+        waited for until released or expired; past ``wait`` seconds (None: no bound)
+        ``SourceError`` names the holder."""
         await self.ensure_bucket()
-        deadline = time.monotonic() + wait
-        while True:
+        deadline = math.inf if wait is None else time.monotonic() + wait
+        reported = -math.inf
+        while stop is None or not stop.is_set():
             holder = await self._holder()
-            if holder is None or holder[1] == self.owner.encode():
-                expected = holder[0] if holder is not None else await self._free_revision()
-                if await self._try_write(expected):
-                    return
+            if holder is None:
+                if await self._try_write(await self._free_revision()):
+                    return True
+            elif holder[1] == self.owner.encode() or owner_is_gone(holder[1]):
+                if await self._try_write(holder[0]):  # compare-and-set on the holder's revision
+                    self._took_over(holder[1])
+                    return True
             elif time.monotonic() >= deadline:
-                self._held_by(holder[1])
-            await asyncio.sleep(min(0.25, self.ttl / 4))
+                self._held_by(holder[1], wait or 0.0)
+            elif time.monotonic() - reported >= _REPORT_EVERY:
+                reported = time.monotonic()
+                self._waiting_for(holder[1])
+            await _pause(min(0.25, self.ttl / 4), stop)
+        return False
+
+    def _took_over(self, value: bytes) -> None:
+        if value != self.owner.encode():
+            log.warning(
+                "took over lease %r in NATS KV bucket %r from %s, which no longer runs",
+                self.key, self.bucket, describe_owner(value),
+                extra={"lease": self.key},
+            )  # fmt: skip
+
+    def _waiting_for(self, value: bytes) -> None:
+        log.warning(
+            "lease %r in NATS KV bucket %r is held by %s, a live process or one this host "
+            "cannot see; waiting until it is released or expires",
+            self.key, self.bucket, describe_owner(value), extra={"lease": self.key},
+        )  # fmt: skip
 
     async def _holder(self) -> tuple[int, bytes] | None:
         """(revision, value) of the live entry, or None when the key is free."""
@@ -141,11 +159,12 @@ class Lease:
         self.revision = ack.seq
         return True
 
-    def _held_by(self, value: bytes) -> NoReturn:
+    def _held_by(self, value: bytes, waited: float) -> NoReturn:
         raise SourceError(
             f"source {self.key!r} is already being captured by {describe_owner(value)} "
-            f"(lease in NATS KV bucket {self.bucket!r}); stop that process first, or, if it "
-            f"crashed, wait up to {self.ttl}s for its lease to expire"
+            f"(lease in NATS KV bucket {self.bucket!r}, waited for {waited:g}s as lock.wait "
+            "says); stop that process first, or leave lock.wait unset so that capture waits "
+            "until the lease is released or expires"
         )
 
     async def refresh(self) -> None:
@@ -176,3 +195,13 @@ class Lease:
                 msg_ttl=self.ttl,
             )
         self.revision = 0
+
+
+async def _pause(seconds: float, stop: asyncio.Event | None) -> None:
+    """Sleep ``seconds``, or less if ``stop`` is set meanwhile."""
+    if stop is None:
+        await asyncio.sleep(seconds)
+        return
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            await stop.wait()
