@@ -140,6 +140,7 @@ class ReplicaConfig(_Section):
     max_delay: Duration = 1.0
     queue_rows: int = Field(default=5_000, ge=1)
     skip_ddl: list[int] = []
+    lock_wait: Duration | None = None  # None: wait until the other replicate is gone
 
 
 class SourceConfig(_Section):

@@ -212,7 +212,7 @@ async def test_errors_name_the_problem(dsn: str, replica: str, nats: LocalNats) 
         dsn, "CREATE TABLE t (id int PRIMARY KEY, v text)", "CREATE TABLE missing (a int)"
     )
     await run_sql(replica, "CREATE TABLE t (id int PRIMARY KEY, v text)")
-    config = make_config(dsn, nats.url, "app")
+    config = make_config(dsn, nats.url, "app", replica={"lock_wait": 0})
     stop = asyncio.Event()
     with pytest.raises(ConfigError, match=r"no position for source 'app'.*bootstrap"):
         await replicate(config, config.source("app"), replica, stop)

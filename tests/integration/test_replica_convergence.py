@@ -494,7 +494,7 @@ async def advisory_holder(replica_dsn: str) -> int | None:
 
 
 @pytest.mark.timeout(120)
-async def test_a_second_replicate_on_the_same_replica_fails_clearly(
+async def test_a_second_replicate_with_no_lock_wait_fails_clearly(
     dsn: str, replica_dsn: str, nats: LocalNats, tmp_path: Path
 ) -> None:
     name = f"twice{os.getpid()}"
@@ -514,7 +514,10 @@ async def test_a_second_replicate_on_the_same_replica_fails_clearly(
             await wait_for_marker(replica_dsn, "a", 30, ended(first))
             holder = await advisory_holder(replica_dsn)
             assert holder is not None, "the first replicate holds no lock"
-            second = await Proc(logs[2], *replicate_args(replica_dsn, nats.url, name)).start()
+            second = await Proc(
+                logs[2], *replicate_args(replica_dsn, nats.url, name),
+                "--set", f"sources.{name}.replica.lock_wait=0",
+            ).start()  # fmt: skip
             procs.append(second)
             code = await second.exit_code(30)
             message = second.text()

@@ -3,7 +3,8 @@
 A session connects to the replica (``session_replication_role = replica``, so ordinary triggers,
 foreign-key checks and event triggers stay quiet as for PostgreSQL's own apply worker;
 ``synchronous_commit = off``, safe because the position commits with the data: a replica crash
-loses both together and they are applied again), takes the replica's single-writer lock, reads
+loses both together and they are applied again), takes the replica's single-writer lock (waiting
+while another replicate holds it, as after a crash until its server process ends), reads
 its position, locates it in the stream and applies from there. A transient failure (a
 connection, a deadlock) ends the session and a new one resumes from the committed position
 after a backoff; anything that needs a person (a missing table, a DDL statement that cannot be
@@ -185,6 +186,8 @@ class _Session:
             js = nc.jetstream()
             conn = await _connect(self.dsn)
             search_path = await _prepare_session(conn)
+            if not await take_lock(conn, stop, self.source.replica.lock_wait):
+                return  # stopped while another replicate held the lock
             position = await self._position(conn, from_start)
             self.metrics.applied = position.lsn
             if position.commit_time is not None:
@@ -231,7 +234,6 @@ class _Session:
                 await nc.close()
 
     async def _position(self, conn: psycopg.AsyncConnection[Any], from_start: bool) -> Position:
-        await take_lock(conn)
         await ensure_schema(conn)
         position = await read_position(conn, self.source.name)
         if position is not None:

@@ -12,11 +12,21 @@ replica that starts empty alongside a source captured from its very beginning, f
 ``--from-start`` (position 0/0).
 
 Only one ``replicate`` may write to a replica database: it holds a session advisory lock for as
-long as it runs.
+long as it runs. Another one waits for that lock (naming its holder now and then) and starts
+writing only once it has it: a restart right after ``kill -9`` waits for the dead process's
+backend to end, which it does as soon as PostgreSQL notices its client is gone. To notice soon,
+the session asks for TCP keepalives and, during a statement, a check of the client connection
+(``client_connection_check_interval``, PostgreSQL 14+), instead of the operating system's
+default of about two hours for a client whose host died (issue 14).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+import math
+import time
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final
@@ -26,8 +36,19 @@ import psycopg
 from pgcapture.errors import ConfigError, ReplicaError
 from pgcapture.lsn import LSN
 
+log = logging.getLogger("pgcapture.replicate")
+
 # pg_advisory_lock's two-key form: class "pgcapture replicate", object 1.
 LOCK_KEYS: Final = (0x70676361, 1)
+_REPORT_EVERY: Final = 10.0
+"""Seconds between the log lines naming the lock's holder while waiting for it."""
+_DIE_WITH_CLIENT: Final = {
+    "tcp_keepalives_idle": "10",
+    "tcp_keepalives_interval": "5",
+    "tcp_keepalives_count": "3",
+}
+"""Server-side keepalives of the session holding the lock: its backend, and so the lock, ends
+within about 25 s of its client's host going silent (ignored on Unix-domain sockets)."""
 
 SCHEMA_SQL: Final = """
 CREATE SCHEMA IF NOT EXISTS pgcapture;
@@ -85,12 +106,53 @@ async def ensure_schema(conn: psycopg.AsyncConnection[Any]) -> None:
         await conn.execute(SCHEMA_SQL)
 
 
-async def take_lock(conn: psycopg.AsyncConnection[Any]) -> None:
-    """Hold the replica's single-writer lock on this session, or fail naming the holder."""
-    cur = await conn.execute("SELECT pg_try_advisory_lock(%s, %s)", LOCK_KEYS)
-    row = await cur.fetchone()
-    if row and row[0]:
-        return
+async def take_lock(
+    conn: psycopg.AsyncConnection[Any], stop: asyncio.Event, wait: float | None = None
+) -> bool:
+    """Hold the replica's single-writer lock on this session; False if ``stop`` came first.
+
+    While another session holds it, wait, logging its holder every ``_REPORT_EVERY`` seconds;
+    past ``wait`` seconds (None: no bound) ``ReplicaBusy`` names it."""
+    await _die_with_client(conn)
+    deadline = math.inf if wait is None else time.monotonic() + wait
+    reported = -math.inf
+    while not stop.is_set():
+        cur = await conn.execute("SELECT pg_try_advisory_lock(%s, %s)", LOCK_KEYS)
+        row = await cur.fetchone()
+        if row and row[0]:
+            return True
+        who = await _lock_holder(conn)
+        if time.monotonic() >= deadline:
+            raise ReplicaBusy(
+                f"another pgcapture replicate writes to database {conn.info.dbname!r}: {who} "
+                f"holds its lock (waited for {wait or 0:g}s as replica.lock_wait says); run one "
+                "replicate per replica database (stop the other one first), or leave "
+                "lock_wait unset so that replicate waits for the lock"
+            )
+        if time.monotonic() - reported >= _REPORT_EVERY:
+            reported = time.monotonic()
+            log.warning(
+                "another pgcapture replicate writes to database %r: %s holds its lock; waiting "
+                "for it (a replicate that was killed leaves when its server process notices)",
+                conn.info.dbname, who,
+            )  # fmt: skip
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(0.5):
+                await stop.wait()
+    return False
+
+
+async def _die_with_client(conn: psycopg.AsyncConnection[Any]) -> None:
+    """Make this session's backend end soon after its client does (see the module docstring)."""
+    for name, value in _DIE_WITH_CLIENT.items():
+        await conn.execute("SELECT set_config(%s, %s, false)", (name, value))
+    if conn.info.server_version >= 140000:
+        # Refused where the kernel cannot tell (e.g. Windows): keepalives must do there.
+        with contextlib.suppress(psycopg.errors.InvalidParameterValue):
+            await conn.execute("SET client_connection_check_interval = '2s'")
+
+
+async def _lock_holder(conn: psycopg.AsyncConnection[Any]) -> str:
     cur = await conn.execute(
         "SELECT a.pid, a.application_name, a.client_addr::text FROM pg_locks l "
         "JOIN pg_stat_activity a USING (pid) WHERE l.locktype = 'advisory' "
@@ -99,15 +161,11 @@ async def take_lock(conn: psycopg.AsyncConnection[Any]) -> None:
         (LOCK_KEYS[0] & 0xFFFFFFFF, LOCK_KEYS[1]),
     )
     holder = await cur.fetchone()
-    who = (
+    if holder is None:
+        return "another session"
+    return (
         f"backend PID {holder[0]} ({holder[1] or 'no application name'}, "
         f"from {holder[2] or 'a local socket'})"
-        if holder
-        else "another session"
-    )
-    raise ReplicaBusy(
-        f"another pgcapture replicate writes to database {conn.info.dbname!r}: {who} holds "
-        "its lock; run one replicate per replica database (stop the other one first)"
     )
 
 
