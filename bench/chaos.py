@@ -480,7 +480,7 @@ class Workload:
         if rng.random() < 0.8:
             query = sql.SQL(
                 "INSERT INTO {} (id, version, n, payload) SELECT g, nextval('chaos_version'), 0, "
-                "repeat(md5(g::text), 1 + g % 20) FROM generate_series(%s, %s) g "
+                "repeat(md5(g::text), 1 + g %% 20) FROM generate_series(%s::int, %s::int) g "
                 "WHERE g %% %s = %s ON CONFLICT (id) DO UPDATE "
                 "SET version = nextval('chaos_version'), n = {}.n + 1"
             ).format(table, table)
@@ -581,7 +581,12 @@ async def schedule_dumps(
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )
-        _, err = await proc.communicate()
+        try:
+            _, err = await proc.communicate()
+        except asyncio.CancelledError:
+            proc.kill()
+            await proc.wait()
+            raise
         if proc.returncode == 0:
             figures.dumps += 1
         else:
@@ -1094,8 +1099,10 @@ def print_report(args: argparse.Namespace, figures: Figures, sup: Supervisor) ->
     print(f"\nseed {args.seed}, {figures.workload_seconds:.0f} s of workload and faults")
     print(
         f"transactions committed: {figures.transactions:,} ({sum(figures.failed.values()):,} "
-        f"failed: {dict(figures.failed)})"
+        "failed, by error:)"
     )
+    for reason, n in figures.failed.most_common(8):
+        print(f"  {n} x {reason[:160]}")
     print(
         f"rows written: {figures.rows:,}; large values: {figures.large_values:,}, "
         f"{figures.bytes / 1e6:,.1f} MB (max {args.max_value:,} bytes)"
@@ -1167,8 +1174,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--kill-every",
         type=parse_duration,
-        default=4.0,
-        help="mean time between SIGKILLs of a process (default 4s)",
+        default=3.0,
+        help="mean time between SIGKILLs of a process (default 3s)",
     )
     parser.add_argument(
         "--pg-every",
@@ -1185,8 +1192,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--dump-every",
         type=parse_duration,
-        default=20.0,
-        help="mean time between dumps scheduled (default 20s)",
+        default=10.0,
+        help="mean time between dumps scheduled (default 10s)",
     )
     parser.add_argument(
         "--restart-delay",
@@ -1209,7 +1216,9 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    # SIGTERM ends the run as Ctrl-C does, through the cleanup below.
+    # Ctrl-C and SIGTERM end the run through the cleanup below (also when started in the
+    # background, where the shell has SIGINT ignored).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     workdir = Path(tempfile.mkdtemp(prefix="pgcapture-chaos-"))
     os.chmod(workdir, 0o755)  # the clusters' directories belong to the server's user
