@@ -963,29 +963,21 @@ $fn$;
 -- (volatile functions, data the replica lacks). So they are logged as the equivalent CREATE
 -- TABLE with the columns the statement makes, and the rows follow in the stream (issue 14).
 
--- The parts of a CREATE TABLE AS or SELECT INTO statement: head (CREATE ... TABLE [IF NOT
--- EXISTS] name, as written, or for SELECT INTO the CREATE [UNLOGGED] TABLE name it means), cols
--- (the column name list in parentheses, or ''), tail (the clauses between it and AS: USING,
--- WITH (...), TABLESPACE, ...) and query (the query whose result fills the table, without INTO
--- and WITH [NO] DATA). All NULL when the text does not have that form.
-CREATE OR REPLACE FUNCTION pgcapture.table_as_parts(
-    stmt text, OUT head text, OUT cols text, OUT tail text, OUT query text)
+-- The significant tokens of `stmt` as in statement_words (w), with their first and last
+-- character positions (f, l) and parenthesis depths (d).
+CREATE OR REPLACE FUNCTION pgcapture.tokens(
+    stmt text, OUT w text[], OUT f int[], OUT l int[], OUT d int[])
 LANGUAGE plpgsql STABLE PARALLEL SAFE
 SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE
     t record;
-    w text[] := '{}';
-    f int[] := '{}';
-    l int[] := '{}';
-    d int[] := '{}';
     depth int := 0;
-    n int;
-    i int;
-    j int;
-    q int;
-    unlogged boolean := false;
 BEGIN
+    w := '{}';
+    f := '{}';
+    l := '{}';
+    d := '{}';
     FOR t IN SELECT * FROM pgcapture.lex(stmt) AS x WHERE x.kind <> 'comment' LOOP
         IF t.kind = 'op' AND t.word = ')' THEN
             depth := depth - 1;
@@ -999,7 +991,31 @@ BEGIN
             depth := depth + 1;
         END IF;
     END LOOP;
-    n := cardinality(w);
+END
+$fn$;
+
+-- The parts of a CREATE TABLE AS or SELECT INTO statement: head (CREATE ... TABLE [IF NOT
+-- EXISTS] name, as written, or for SELECT INTO the CREATE [UNLOGGED] TABLE name it means), cols
+-- (the column name list in parentheses, or ''), tail (the clauses between it and AS: USING,
+-- WITH (...), TABLESPACE, ...) and query (the query whose result fills the table, without INTO
+-- and WITH [NO] DATA). All NULL when the text does not have that form.
+CREATE OR REPLACE FUNCTION pgcapture.table_as_parts(
+    stmt text, OUT head text, OUT cols text, OUT tail text, OUT query text)
+LANGUAGE plpgsql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    tk record := pgcapture.tokens(stmt);
+    w text[] := tk.w;
+    f int[] := tk.f;
+    l int[] := tk.l;
+    d int[] := tk.d;
+    n int := cardinality(tk.w);
+    i int;
+    j int;
+    q int;
+    unlogged boolean := false;
+BEGIN
     IF w[1] = 'create' THEN
         -- CREATE [opts] TABLE [IF NOT EXISTS] name [(cols)] [tail] AS query [WITH [NO] DATA]
         i := array_position(w, 'table') + 1;
@@ -1164,6 +1180,211 @@ EXCEPTION WHEN OTHERS THEN
 END
 $fn$;
 
+-- Whether the CREATE TABLE statement `stmt` copies a temporary table with LIKE: the replica has
+-- no such table. Names resolve with the user's search path.
+CREATE OR REPLACE FUNCTION pgcapture.likes_temp_table(stmt text, user_path text)
+RETURNS boolean
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    tk record := pgcapture.tokens(stmt);
+    j int;
+    rel regclass;
+BEGIN
+    FOR i IN 1 .. coalesce(cardinality(tk.w), 0) LOOP
+        CONTINUE WHEN tk.w[i] <> 'like' OR tk.d[i] <> 1;
+        j := i + 1;
+        WHILE tk.w[j + 1] = '.' LOOP
+            j := j + 2;
+        END LOOP;
+        PERFORM set_config('search_path', user_path, true);
+        rel := to_regclass(substr(stmt, tk.f[i + 1], tk.l[j] - tk.f[i + 1] + 1));
+        PERFORM set_config('search_path', 'pg_catalog, pg_temp', true);
+        IF (SELECT c.relpersistence = 't' FROM pg_class AS c WHERE c.oid = rel) THEN
+            RETURN true;
+        END IF;
+    END LOOP;
+    RETURN false;
+END
+$fn$;
+
+-- The statements that make table `rel` as the catalog holds it: CREATE TABLE with its columns
+-- (types, collations, defaults, generated and identity columns, NOT NULL), constraints,
+-- parents, partition key, persistence, access method, storage parameters and tablespace; then
+-- its other indexes, column storage and compression, extended statistics and comments. Names
+-- are qualified (the search path is pg_catalog, pg_temp).
+CREATE OR REPLACE FUNCTION pgcapture.table_definition(rel oid)
+RETURNS text[]
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    c record;
+    name text;
+    elements text;
+    out text[];
+BEGIN
+    SELECT r.*, n.nspname, a.amname INTO c
+    FROM pg_class AS r JOIN pg_namespace AS n ON n.oid = r.relnamespace
+    LEFT JOIN pg_am AS a ON a.oid = r.relam
+    WHERE r.oid = rel;
+    name := format('%I.%I', c.nspname, c.relname);
+    SELECT string_agg(x.def, ', ' ORDER BY x.ord) INTO elements FROM (
+        SELECT a.attnum AS ord, format('%I %s', a.attname, format_type(a.atttypid, a.atttypmod))
+            || CASE WHEN a.attcollation <> 0 AND a.attcollation <> ty.typcollation
+                    THEN format(' COLLATE %I.%I', cn.nspname, co.collname) ELSE '' END
+            || CASE WHEN a.attgenerated = 's'
+                    THEN format(' GENERATED ALWAYS AS (%s) STORED', pg_get_expr(d.adbin, d.adrelid))
+                    WHEN d.adbin IS NOT NULL THEN ' DEFAULT ' || pg_get_expr(d.adbin, d.adrelid)
+                    ELSE '' END
+            || CASE WHEN a.attidentity IN ('a', 'd') THEN format(
+                   ' GENERATED %s AS IDENTITY (START WITH %s INCREMENT BY %s MINVALUE %s '
+                   'MAXVALUE %s CACHE %s%s)',
+                   CASE a.attidentity WHEN 'a' THEN 'ALWAYS' ELSE 'BY DEFAULT' END,
+                   sq.seqstart, sq.seqincrement, sq.seqmin, sq.seqmax, sq.seqcache,
+                   CASE WHEN sq.seqcycle THEN ' CYCLE' ELSE ' NO CYCLE' END) ELSE '' END
+            || CASE WHEN a.attnotnull THEN ' NOT NULL' ELSE '' END AS def
+        FROM pg_attribute AS a
+        JOIN pg_type AS ty ON ty.oid = a.atttypid
+        LEFT JOIN pg_attrdef AS d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+        LEFT JOIN pg_collation AS co ON co.oid = a.attcollation
+        LEFT JOIN pg_namespace AS cn ON cn.oid = co.collnamespace
+        LEFT JOIN pg_depend AS dp ON dp.refclassid = 'pg_class'::regclass
+             AND dp.refobjid = a.attrelid AND dp.refobjsubid = a.attnum AND dp.deptype = 'i'
+             AND dp.classid = 'pg_class'::regclass
+        LEFT JOIN pg_sequence AS sq ON sq.seqrelid = dp.objid
+        WHERE a.attrelid = rel AND a.attnum > 0 AND NOT a.attisdropped AND a.attislocal
+        UNION ALL
+        SELECT 100000 + row_number() OVER (ORDER BY k.conname),
+               format('CONSTRAINT %I %s', k.conname, pg_get_constraintdef(k.oid))
+        FROM pg_constraint AS k
+        WHERE k.conrelid = rel AND k.conislocal AND k.contype IN ('c', 'p', 'u', 'f', 'x')
+    ) AS x;
+    out := ARRAY[format('CREATE %sTABLE %s (%s)%s%s%s%s%s',
+        CASE c.relpersistence WHEN 'u' THEN 'UNLOGGED ' ELSE '' END, name,
+        coalesce(elements, ''),
+        (SELECT ' INHERITS (' || string_agg(i.inhparent::regclass::text, ', '
+                                            ORDER BY i.inhseqno) || ')'
+         FROM pg_inherits AS i WHERE i.inhrelid = rel),
+        CASE WHEN c.relkind = 'p' THEN ' PARTITION BY ' || pg_get_partkeydef(rel) ELSE '' END,
+        CASE WHEN c.relkind = 'r' THEN format(' USING %I', c.amname) ELSE '' END,
+        ' WITH (' || array_to_string(c.reloptions, ', ') || ')',
+        CASE WHEN c.reltablespace <> 0
+             THEN format(' TABLESPACE %I', (SELECT spcname FROM pg_tablespace
+                                            WHERE oid = c.reltablespace)) ELSE '' END)];
+    -- an identity sequence of another type than its column's (LIKE makes them bigint)
+    out := out || ARRAY(
+        SELECT format('ALTER SEQUENCE %s AS %s MINVALUE %s MAXVALUE %s', sq.seqrelid::regclass,
+                      format_type(sq.seqtypid, NULL), sq.seqmin, sq.seqmax)
+        FROM pg_attribute AS a
+        JOIN pg_depend AS dp ON dp.refclassid = 'pg_class'::regclass AND dp.refobjid = rel
+             AND dp.refobjsubid = a.attnum AND dp.deptype = 'i'
+             AND dp.classid = 'pg_class'::regclass
+        JOIN pg_sequence AS sq ON sq.seqrelid = dp.objid
+        WHERE a.attrelid = rel AND a.attidentity IN ('a', 'd') AND sq.seqtypid <> a.atttypid
+        ORDER BY a.attnum);
+    out := out || ARRAY(
+        SELECT pg_get_indexdef(i.indexrelid) FROM pg_index AS i
+        WHERE i.indrelid = rel
+          AND NOT EXISTS (SELECT FROM pg_constraint AS k WHERE k.conindid = i.indexrelid
+                                                           AND k.conrelid = rel)
+        ORDER BY i.indexrelid);
+    out := out || ARRAY(
+        SELECT format('ALTER TABLE %s ALTER COLUMN %I SET STORAGE %s', name, a.attname,
+                      CASE a.attstorage WHEN 'p' THEN 'PLAIN' WHEN 'e' THEN 'EXTERNAL'
+                                        WHEN 'm' THEN 'MAIN' ELSE 'EXTENDED' END)
+        FROM pg_attribute AS a JOIN pg_type AS ty ON ty.oid = a.atttypid
+        WHERE a.attrelid = rel AND a.attnum > 0 AND NOT a.attisdropped
+          AND a.attstorage <> ty.typstorage
+        ORDER BY a.attnum);
+    out := out || ARRAY(
+        SELECT format('ALTER TABLE %s ALTER COLUMN %I SET COMPRESSION %s', name, a.attname,
+                      CASE a.attcompression WHEN 'l' THEN 'lz4' ELSE 'pglz' END)
+        FROM pg_attribute AS a
+        WHERE a.attrelid = rel AND a.attnum > 0 AND NOT a.attisdropped AND a.attcompression <> ''
+        ORDER BY a.attnum);
+    out := out || ARRAY(
+        SELECT pg_get_statisticsobjdef(s.oid) FROM pg_statistic_ext AS s
+        WHERE s.stxrelid = rel ORDER BY s.oid);
+    out := out || ARRAY(
+        SELECT CASE WHEN d.objsubid = 0 THEN format('COMMENT ON TABLE %s IS %L', name, d.description)
+                    ELSE format('COMMENT ON COLUMN %s.%I IS %L', name,
+                                (SELECT attname FROM pg_attribute
+                                 WHERE attrelid = rel AND attnum = d.objsubid), d.description) END
+        FROM pg_description AS d
+        WHERE d.classoid = 'pg_class'::regclass AND d.objoid = rel
+        ORDER BY d.objsubid);
+    out := out || ARRAY(
+        SELECT format('COMMENT ON CONSTRAINT %I ON %s IS %L', k.conname, name, d.description)
+        FROM pg_constraint AS k
+        JOIN pg_description AS d ON d.classoid = 'pg_constraint'::regclass AND d.objoid = k.oid
+        WHERE k.conrelid = rel ORDER BY k.conname);
+    out := out || ARRAY(
+        SELECT format('COMMENT ON INDEX %I.%I IS %L', c.nspname, ic.relname, d.description)
+        FROM pg_index AS i JOIN pg_class AS ic ON ic.oid = i.indexrelid
+        JOIN pg_description AS d ON d.classoid = 'pg_class'::regclass AND d.objoid = i.indexrelid
+        WHERE i.indrelid = rel
+          AND NOT EXISTS (SELECT FROM pg_constraint AS k WHERE k.conindid = i.indexrelid
+                                                           AND k.conrelid = rel)
+        ORDER BY ic.relname);
+    RETURN out;
+END
+$fn$;
+
+-- One statement that runs `stmts` in order: the statement itself when there is one, else a DO
+-- block (a replica runs one statement per row).
+CREATE OR REPLACE FUNCTION pgcapture.one_statement(stmts text[])
+RETURNS text
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    body text;
+    tag text := 'pgcapture';
+    n int := 0;
+BEGIN
+    IF cardinality(stmts) = 1 THEN
+        RETURN stmts[1];
+    END IF;
+    SELECT string_agg(format('EXECUTE %s;', quote_literal(s)), ' ' ORDER BY o) INTO body
+    FROM unnest(stmts) WITH ORDINALITY AS x(s, o);
+    WHILE strpos(body, '$' || tag || '$') > 0 LOOP
+        n := n + 1;
+        tag := 'pgcapture' || n;
+    END LOOP;
+    RETURN format('DO $%s$ BEGIN %s END $%s$', tag, body, tag);
+END
+$fn$;
+
+-- A CREATE TABLE that copies a temporary table with LIKE, by its effect: the statements that
+-- make the table as the catalog holds it now (`e` unchanged otherwise, or on any error).
+CREATE OR REPLACE FUNCTION pgcapture.create_table_effect(e jsonb, user_path text)
+RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    rel oid;
+BEGIN
+    IF NOT (e ->> 'exact')::boolean OR strpos(lower(e ->> 'query'), 'like') = 0
+       OR NOT pgcapture.likes_temp_table(e ->> 'query', user_path) THEN
+        RETURN e;
+    END IF;
+    SELECT c.objid INTO rel FROM pg_event_trigger_ddl_commands() AS c
+    JOIN pg_class AS r ON r.oid = c.objid
+    WHERE c.classid = 'pg_class'::regclass AND r.relkind IN ('r', 'p')
+    LIMIT 1;
+    IF rel IS NULL THEN
+        RETURN e;  -- IF NOT EXISTS found the table: nothing was made
+    END IF;
+    RETURN e || jsonb_build_object('statement', e ->> 'query', 'effect', true,
+                                   'query', pgcapture.one_statement(pgcapture.table_definition(rel)));
+EXCEPTION WHEN OTHERS THEN
+    RETURN e;
+END
+$fn$;
+
 -- ---------------------------------------------------------------------------------------------
 -- Handlers, called by the event trigger functions with the safe search_path set.
 
@@ -1278,6 +1499,9 @@ BEGIN
     END IF;
     objs := pgcapture.collected_objects();
     e := pgcapture.end_decision(e, tag, objs, user_path);
+    IF tag = 'CREATE TABLE' AND e IS NOT NULL THEN
+        e := pgcapture.create_table_effect(e, user_path);
+    END IF;
     IF e IS NOT NULL THEN
         PERFORM pgcapture.write_log(e, 'end', CASE WHEN tag LIKE 'DROP %'
                                                    THEN coalesce(e -> 'dropped', '[]')
