@@ -29,6 +29,10 @@ from pgcapture.log.reader import Assembler, StoredBatch, bounds
 from pgcapture.lsn import format_lsn
 
 _END: Final = object()
+# A fetch asks for at most about this many bytes: the NATS server disconnects a client that has
+# more than max_pending (64 MB by default) waiting for it, and messages may be as large as the
+# server's max_payload (fragments of large records fill them).
+_FETCH_BYTES: Final = 8 << 20
 
 
 class StreamGap(PgCaptureError):
@@ -158,6 +162,10 @@ class Follower:
             self._error = exc
         await self._queue.put(_END)
 
+    def _batch(self, largest: int) -> int:
+        """How many messages to fetch next, so that a fetch stays within ``_FETCH_BYTES``."""
+        return max(1, min(self._fetch, _FETCH_BYTES // max(largest, 1)))
+
     async def _follow(self) -> None:
         config = api.ConsumerConfig(
             deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
@@ -168,12 +176,14 @@ class Follower:
             num_replicas=1,
         )
         sub = await self._js.pull_subscribe(self._subject, stream=self._stream, config=config)
+        largest = 0  # the largest message of the last fetch
         try:
             while True:
                 try:
-                    msgs = await sub.fetch(self._fetch, timeout=1.0)
+                    msgs = await sub.fetch(self._batch(largest), timeout=1.0)
                 except TimeoutError:  # nats-py raises its own subclass, or asyncio's under load
                     continue
+                largest = max(len(msg.data) for msg in msgs) if msgs else largest
                 for msg in msgs:
                     seq = msg.metadata.sequence.stream
                     if seq != self._next:
