@@ -42,6 +42,11 @@ SESSION = (
     "CREATE PROCEDURE p() LANGUAGE sql BEGIN ATOMIC insert into ruled_log values (f(1), "
     "E'a\\';'); END; INSERT INTO ruled VALUES (1); CALL p()",
     "ALTER TABLE ruled_log REPLICA IDENTITY FULL",
+    # with standard_conforming_strings off a backslash escapes a quote in a plain literal
+    "SET standard_conforming_strings = off",
+    "CREATE TABLE scs (a text DEFAULT 'x\\';y', b int PRIMARY KEY); "
+    "COMMENT ON TABLE scs IS 'it\\'s; fine'; INSERT INTO scs (b) VALUES (1)",
+    "RESET standard_conforming_strings",
     # session-bound: temporary tables, prepared statements, volatile functions
     'CREATE TEMP TABLE tmp (a int, b text COLLATE "C", c varchar(5))',
     "INSERT INTO tmp SELECT g, 't' || g, 'c' FROM generate_series(1, 5) AS g",
