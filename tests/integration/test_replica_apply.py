@@ -253,7 +253,14 @@ async def test_inexact_ddl_stops_until_skipped(dsn: str, replica: str, nats: Loc
     async with capturing(config, "app"):
         await wait_for_slot(dsn, config.source("app").slot_name)
         await _start_position(dsn, replica)
-        await run_sql(dsn, "PREPARE p AS SELECT 1 AS a INTO made; EXECUTE p")
+        # two LANGUAGE sql functions named mk: the server's context does not say which ran
+        await run_sql(
+            dsn,
+            "CREATE SCHEMA s1; CREATE SCHEMA s2",
+            "CREATE FUNCTION s1.mk() RETURNS void LANGUAGE sql AS $$ CREATE TABLE made (a int) $$",
+            "CREATE FUNCTION s2.mk() RETURNS void LANGUAGE sql AS $$ CREATE TABLE other (a int) $$",
+            "SELECT s1.mk()",
+        )
         with pytest.raises(DdlNotReplayable, match=r"--skip-ddl \d+") as err:
             await asyncio.wait_for(replicate(config, config.source("app"), replica, stop), 30)
         ident = int(str(err.value).rsplit(" ", 1)[1])
