@@ -1138,6 +1138,7 @@ DECLARE
     shape text := format('pg_temp.%I', 'pgcapture_shape_' || pg_backend_pid());
     columns text;
     role text := current_setting('session_replication_role');
+    view text;
 BEGIN
     p := pgcapture.table_as_parts(e ->> 'query');
     q := p.query;
@@ -1156,8 +1157,15 @@ BEGIN
     EXCEPTION WHEN insufficient_privilege THEN
         NULL;
     END;
+    view := format('CREATE TEMP VIEW %s %s AS %s', shape, p.cols, q);
+    -- The text runs as this function's owner: it must be one statement that only makes the
+    -- view. A semicolon (the only separator of statements) never belongs in it.
+    IF EXISTS (SELECT FROM pgcapture.lex(view) AS x
+               WHERE (x.kind = 'op' AND x.word = ';') OR x.kind = 'error') THEN
+        RETURN e;
+    END IF;
     PERFORM set_config('search_path', user_path, true);
-    EXECUTE format('CREATE TEMP VIEW %s %s AS %s', shape, p.cols, q);
+    EXECUTE view;
     PERFORM set_config('search_path', 'pg_catalog, pg_temp', true);
     SELECT string_agg(format('%I %s%s', a.attname, format_type(a.atttypid, a.atttypmod),
                              CASE WHEN a.attcollation <> 0 AND a.attcollation <> ty.typcollation
