@@ -92,6 +92,11 @@ SETUP: Final = (
 ADDED_TYPES: Final = ("int", "text", "boolean", "numeric(12,2)")
 SIZE_RE: Final = re.compile(r"^(\d+(?:\.\d+)?)\s*([kKmM]?)i?[bB]?$")
 DURATION_RE: Final = re.compile(r"^(\d+(?:\.\d+)?)\s*(ms|s|m|h)?$")
+TIMELINE: Final[list[str]] = []  # every fault and restart, written to timeline.txt
+
+
+def note(text: str) -> None:
+    TIMELINE.append(f"{time.strftime('%H:%M:%S')}.{int(time.time() * 1000) % 1000:03d} {text}")
 
 
 def parse_size(text: str) -> int:
@@ -149,6 +154,7 @@ class Proc:
     restart_at: float | None = None
 
     def start(self) -> None:
+        note(f"start {self.name}")
         with self.log.open("ab") as out:
             out.write(f"--- start at {time.strftime('%H:%M:%S')}\n".encode())
             out.flush()
@@ -161,6 +167,7 @@ class Proc:
         if self.popen is not None and self.popen.poll() is None:
             self.popen.kill()
             self.popen.wait()
+        note(f"SIGKILL {self.name}")
         now = time.monotonic()
         self.kills.append(now)
         if self.down_since is None:
@@ -208,6 +215,7 @@ class Supervisor:
             for proc in self.procs.values():
                 if proc.popen is not None and proc.popen.poll() is not None:
                     proc.exits.append((now, proc.popen.returncode, proc.why()))
+                    note(f"{proc.name} exited with status {proc.popen.returncode}: {proc.why()}")
                     proc.popen = None
                     proc.down_since = proc.down_since or now
                     proc.restart_at = now + self.restart_delay
@@ -221,6 +229,7 @@ class Supervisor:
                     and await healthy(proc.health)
                 ):
                     proc.recoveries.append(time.monotonic() - proc.down_since)
+                    note(f"{proc.name} healthy")
                     proc.down_since = None
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 0.1)
@@ -587,6 +596,7 @@ async def schedule_dumps(
             proc.kill()
             await proc.wait()
             raise
+        note(f"dump schedule --uri {uri}: status {proc.returncode}")
         if proc.returncode == 0:
             figures.dumps += 1
         else:
@@ -620,7 +630,9 @@ async def restart_postgres(
         cluster = servers.source if which == "source" else servers.replica
         mode = rng.choice(("fast", "immediate"))
         started = time.monotonic()
+        note(f"restart {which} PostgreSQL -m {mode}")
         await asyncio.to_thread(restart_cluster, cluster, mode)
+        note(f"{which} PostgreSQL started")
         figures.pg_restarts.append((which, mode, time.monotonic() - started))
 
 
@@ -637,9 +649,11 @@ async def kill_nats_nodes(
         node = rng.choice(servers.nats)
         down = rng.uniform(2, 10)
         node.kill()
+        note(f"kill -9 NATS node {node.base_dir.name}")
         await asyncio.sleep(down)
         started = time.monotonic()
         await asyncio.to_thread(node.start)
+        note(f"NATS node {node.base_dir.name} started")
         figures.nats_kills.append((node.base_dir.name, down, time.monotonic() - started))
 
 
@@ -928,7 +942,12 @@ async def check_consumer(dsn: str, path: Path, uri: str) -> tuple[bool, list[str
     db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
         counts = dict(db.execute("SELECT name, n FROM counters").fetchall())
-        travels = [d for (d,) in db.execute("SELECT detail FROM events WHERE kind = 'time_travel'")]
+        travels = [
+            f"at {time.strftime('%H:%M:%S', time.localtime(at))} {detail}"
+            for at, detail in db.execute(
+                "SELECT at, detail FROM events WHERE kind = 'time_travel' ORDER BY at"
+            )
+        ]
     finally:
         db.close()
     if travels:
@@ -1037,6 +1056,7 @@ async def soak(
         await asyncio.gather(*fault_tasks)
         stop_work.set()
         await asyncio.gather(*workers)
+        note("workload and faults stopped")
         figures.workload_seconds = time.monotonic() - started
         print("workload and faults stopped; catching up", flush=True)
         stopped_at = time.monotonic()
@@ -1225,23 +1245,26 @@ def main() -> None:
     servers = Servers(workdir)
     sup = Supervisor(args.restart_delay)
     figures = Figures()
-    passed = False
+    passed = interrupted = False
     try:
         servers.start()
         passed = asyncio.run(soak(args, servers, sup, figures))
     except KeyboardInterrupt:
+        interrupted = True
         print("\ninterrupted; stopping everything", flush=True)
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not stop the cleanup
         sup.stop_all()
         servers.destroy()
+        (workdir / "timeline.txt").write_text("".join(f"{line}\n" for line in TIMELINE))
         if args.keep:
             print(f"kept {workdir}")
         else:
             shutil.rmtree(workdir, ignore_errors=True)
     print_report(args, figures, sup)
-    print(f"\n{'PASS' if passed else 'FAIL'} (seed {args.seed})")
-    sys.exit(0 if passed else 1)
+    verdict = "INTERRUPTED" if interrupted else "PASS" if passed else "FAIL"
+    print(f"\n{verdict} (seed {args.seed})")
+    sys.exit(130 if interrupted else 0 if passed else 1)
 
 
 if __name__ == "__main__":

@@ -46,7 +46,8 @@ from pgcapture.client import Change, Consumer, Op, Row, Truncate
 SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS rows (
     tbl TEXT NOT NULL, id INTEGER NOT NULL, version INTEGER, lsn INTEGER NOT NULL,
-    seq INTEGER NOT NULL, deleted INTEGER NOT NULL, cols TEXT NOT NULL, PRIMARY KEY (tbl, id));
+    seq INTEGER NOT NULL, deleted INTEGER NOT NULL, cols TEXT NOT NULL, via TEXT NOT NULL,
+    PRIMARY KEY (tbl, id));
 CREATE TABLE IF NOT EXISTS events (kind TEXT NOT NULL, detail TEXT NOT NULL, at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, n INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS starts (pid INTEGER, started REAL, first_handled REAL);
@@ -82,6 +83,7 @@ class Held(NamedTuple):
     seq: int
     deleted: bool
     cols: dict[str, str]
+    via: str = ""  # "": the change at lsn/seq; else the dump row that set the version, and when
 
 
 class Store:
@@ -93,8 +95,10 @@ class Store:
         self.db.execute("PRAGMA synchronous=OFF")  # a SIGKILL keeps what the OS was given
         self.db.executescript(SCHEMA)
         self.rows: dict[tuple[str, int], Held] = {}
-        for tbl, ident, version, lsn, seq, deleted, cols in self.db.execute("SELECT * FROM rows"):
-            self.rows[(tbl, ident)] = Held(version, lsn, seq, bool(deleted), json.loads(cols))
+        for tbl, ident, version, lsn, seq, deleted, cols, via in self.db.execute(
+            "SELECT * FROM rows"
+        ):
+            self.rows[(tbl, ident)] = Held(version, lsn, seq, bool(deleted), json.loads(cols), via)
         self.counts = dict.fromkeys(COUNTERS, 0)
         self.counts.update(dict(self.db.execute("SELECT name, n FROM counters").fetchall()))
         self.pid = os.getpid()
@@ -135,7 +139,7 @@ class Store:
         if held is not None and held.version is not None and (version or 0) < held.version:
             self._travel(
                 f"{key[0]} id {key[1]}: stream change at {change.checkpoint} has version "
-                f"{version}, after version {held.version} (last change {held.lsn:X}#{held.seq})"
+                f"{version}, after version {held.version} ({held_from(held)})"
             )
         cols = dict(held.cols) if held is not None and not held.deleted else {}
         cols.update((name, canonical(value)) for name, value in change.new.items())
@@ -154,13 +158,14 @@ class Store:
             what = "deleted at" if held.deleted else "after"
             self._travel(
                 f"{key[0]} id {key[1]}: dump row with version {version}, {what} version "
-                f"{held.version} (last change {held.lsn:X}#{held.seq})"
+                f"{held.version} ({held_from(held)})"
             )
             return
         cols = dict(held.cols) if held is not None and not held.deleted else {}
         cols.update((name, canonical(value)) for name, value in change.new.items())
         lsn, seq = (held.lsn, held.seq) if held is not None else (0, 0)
-        self._save(key, Held(version, lsn, seq, False, cols))
+        via = f"a dump row handled at {time.strftime('%H:%M:%S')} by pid {self.pid}"
+        self._save(key, Held(version, lsn, seq, False, cols, via))
 
     def _travel(self, detail: str) -> None:
         self.counts["time_travel"] += 1
@@ -170,8 +175,16 @@ class Store:
         self.undo.setdefault(key, self.rows.get(key))
         self.rows[key] = held
         self.db.execute(
-            "INSERT OR REPLACE INTO rows VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (*key, held.version, held.lsn, held.seq, int(held.deleted), json.dumps(held.cols)),
+            "INSERT OR REPLACE INTO rows VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                *key,
+                held.version,
+                held.lsn,
+                held.seq,
+                int(held.deleted),
+                json.dumps(held.cols),
+                held.via,
+            ),
         )
 
     @contextlib.contextmanager
@@ -200,6 +213,12 @@ class Store:
                 else:
                     self.rows[key] = held
             raise
+
+
+def held_from(held: Held) -> str:
+    """Where the version held came from, for the event's text."""
+    last = f"last change applied {held.lsn >> 32:X}/{held.lsn & 0xFFFFFFFF:X}#{held.seq}"
+    return f"from {held.via}; {last}" if held.via else last
 
 
 def version_of(row: Row) -> int | None:
