@@ -30,17 +30,24 @@ from pgcapture.replica.store import set_position
 
 
 def dump_config(
-    dsn: str, replica_dsn: str, nats_url: str, name: str, **uris: dict[str, Any]
+    dsn: str,
+    replica_dsn: str,
+    nats_url: str,
+    name: str,
+    batch: dict[str, Any] | None = None,
+    lock_ttl: int = 1,
+    **uris: dict[str, Any],
 ) -> Config:
     """Source ``name`` (its own stream) with its replica, a dumper and a controller (bucket
-    ``dumps_<name>``) on free ports, a gateway serving ``uris`` (each with the dumper)."""
+    ``dumps_<name>``) on free ports, a gateway serving ``uris`` (each with the dumper);
+    ``batch`` overrides the source's batch settings."""
     dumper, controller = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
     data = {
         "nats": {"url": nats_url},
         "sources": {
             name: {
-                "dsn": dsn, "status_interval": 0.2, "lock": {"ttl": 1, "wait": 10},
-                "batch": {"max_records": 50, "max_bytes": 16384, "linger": 0.002},
+                "dsn": dsn, "status_interval": 0.2, "lock": {"ttl": lock_ttl, "wait": 10},
+                "batch": {"max_records": 50, "max_bytes": 16384, "linger": 0.002, **(batch or {})},
                 "replica": {"dsn": replica_dsn, "max_delay": 0.05},
             }
         },
