@@ -101,14 +101,20 @@ def split_statements(sql: str) -> list[str]:
 
     A statement starts at its first token (comments before it belong to none) and ends before
     its semicolon, or at the end of the string; semicolons inside strings, quoted identifiers,
-    comments, dollar quotes and ``BEGIN ATOMIC ... END`` bodies do not split. Raises
-    ``pglast.parser.ParseError`` when ``sql`` does not parse.
+    comments, dollar quotes, rule actions in parentheses and ``BEGIN ATOMIC ... END`` bodies do
+    not split. Raises ``pglast.parser.ParseError`` when ``sql`` does not parse.
     """
-    statements = []
+    return [sql[start:end] for start, end in statement_spans(sql)]
+
+
+def statement_spans(sql: str) -> list[tuple[int, int]]:
+    """``(start, end)`` character offsets of the statements of ``sql``, as ``split_statements``
+    cuts them (``sql[start:end]`` is a statement)."""
     import pglast  # a quarter of a second to import: only when needed
 
+    spans = []
     for raw in pglast.parse_sql(sql):
         start = raw.stmt_location or 0
         end = start + raw.stmt_len if raw.stmt_len else len(sql)  # 0: up to the end
-        statements.append(sql[start:end].rstrip(_SQL_SPACE))
-    return statements
+        spans.append((start, start + len(sql[start:end].rstrip(_SQL_SPACE))))
+    return spans

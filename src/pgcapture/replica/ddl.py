@@ -5,6 +5,9 @@ statement, in order with that transaction's data changes. ``decide`` turns it in
 the exact captured text to run, under the ``search_path`` the statement ran with, or a reason to
 skip it. The rules:
 
+* A statement of the client's query string that is only the start of one of the string's
+  statements, as PostgreSQL's parser (pglast) cuts it, is replayed whole: a capture before
+  issue 14 cut ``CREATE RULE ... DO (a; b)`` at its inner semicolon.
 * ``exact = false`` rows are never run: the text may hold statements that did not run on the
   source. Replication stops with ``DdlNotReplayable`` naming the row; after applying its effect
   by hand, the operator lets replication go on with ``--skip-ddl ID``.
@@ -25,11 +28,13 @@ skip it. The rules:
 
 from __future__ import annotations
 
+import functools
 import json
 import struct
 from dataclasses import dataclass
 from typing import Any, Final
 
+from pgcapture.capture.ddl import statement_spans
 from pgcapture.errors import ReplicaError
 from pgcapture.proto import pb
 
@@ -99,6 +104,41 @@ def _text(field: pb.Field) -> str | None:
     return None
 
 
+def _whole_statement(query: str, activity: dict[str, Any]) -> str:
+    """The statement of the client's query string that ``query`` starts, as the parser cuts it.
+
+    A capture before issue 14 could cut a statement short at a semicolon inside it (the actions
+    of ``CREATE RULE ... DO (a; b)``); such a row is replayed whole. ``query`` itself when it is
+    one of the string's statements, when the string does not parse, when the row is not a
+    statement of the client's string (nested, rewritten, logged by its effect), or when strings
+    took backslash escapes (``standard_conforming_strings`` off, which the parser does not
+    follow)."""
+    top = activity.get("top_level_query")
+    found = activity.get("settings")
+    if (
+        not isinstance(top, str)
+        or activity.get("nested")
+        or activity.get("effect")
+        or activity.get("rewritten")
+        or (isinstance(found, dict) and found.get("standard_conforming_strings") == "off")
+    ):
+        return query
+    spans = _statement_spans(top)
+    statements = [top[start:end] for start, end in spans]
+    if query in statements:
+        return query
+    longer = [s for s in statements if s.startswith(query)]
+    return longer[0] if len(longer) == 1 else query
+
+
+@functools.lru_cache(maxsize=4)  # the rows of one migration script share its string
+def _statement_spans(sql: str) -> tuple[tuple[int, int], ...]:
+    try:
+        return tuple(statement_spans(sql))
+    except Exception:  # pglast's ParseError, or a grammar newer than the source's
+        return ()
+
+
 def decide(change: pb.Change, skip_ids: frozenset[int] = frozenset()) -> Ddl:
     ident, query, activity = ddl_row(change)
     search_path = activity.get("search_path")
@@ -131,6 +171,7 @@ def decide(change: pb.Change, skip_ids: frozenset[int] = frozenset()) -> Ddl:
         isinstance(o, dict) and o.get("schema_name") == "pgcapture" for o in objects
     ):
         return skipped("it changes only pgcapture's own objects")
+    query = _whole_statement(query, activity)
     # pglast (and its printers) take a quarter of a second to import: only when DDL comes
     from pglast import ast, parse_sql
     from pglast.enums import ObjectType
