@@ -148,6 +148,11 @@ class ReplicationStream:
         self._reader_fd = self._pgconn.socket
         asyncio.get_running_loop().add_reader(self._reader_fd, self._readable.set)
 
+    @property
+    def confirmed(self) -> int:
+        """The position reported as flushed: what was confirmed, or an idle slot's position."""
+        return self._confirmed
+
     def confirm(self, lsn: int) -> None:
         """Everything up to ``lsn`` is durable downstream. Never moves backwards."""
         if lsn > self._confirmed:

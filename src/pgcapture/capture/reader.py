@@ -138,7 +138,7 @@ class SlotReader:
     async def read(self) -> list[Record]:
         """The next records (at least one); keepalives and status updates happen inside."""
         if self._binary_from:
-            await self._switch(self._binary_from, binary=True)
+            await self._switch(binary=True, start_lsn=self._binary_from)
             self._binary_from = 0
         out: list[Record] = []
         while not out:
@@ -193,7 +193,7 @@ class SlotReader:
             exc.type_name, which, format_lsn(self._confirmed),
             extra={"slot": self.slot, "type": exc.type_name},
         )  # fmt: skip
-        await self._switch(self._confirmed, binary=False)
+        await self._switch(binary=False)
         self._text = _TextRead(after, exc.type_name)
 
     def _text_done(self, text: _TextRead, commit: Record) -> None:
@@ -210,21 +210,25 @@ class SlotReader:
         if self.on_text_fallback is not None:
             self.on_text_fallback(fallback)
 
-    async def _switch(self, start_lsn: int, binary: bool) -> None:
-        """A new stream from ``start_lsn``, with a fresh decoder and assembler (the server
-        sends every Relation again); the slot stays confirmed at what the caller confirmed."""
+    async def _switch(self, binary: bool, start_lsn: int | None = None) -> None:
+        """A new stream from ``start_lsn`` (default: the confirmed position), with a fresh
+        decoder and assembler (the server sends every Relation again); the slot stays confirmed
+        at what the caller confirmed."""
         old, self._stream = self._stream, None
         if old is not None:
+            # an idle slot's position, which it reported, is confirmed too: never report less
+            self._confirmed = max(self._confirmed, old.confirmed)
             await old.close()
         self._decoder = PgOutputDecoder(PROTOCOL_VERSION)
         self._assembler = ChangeAssembler()
         self._replayed_to = self._last
+        start = self._confirmed if start_lsn is None else start_lsn
         deadline = time.monotonic() + _SLOT_RELEASE
         while True:
             stream = await ReplicationStream.connect(self.dsn, self.status_interval)
             try:
                 await stream.start(
-                    self.slot, start_lsn, self._options(binary), confirmed=self._confirmed
+                    self.slot, start, self._options(binary), confirmed=self._confirmed
                 )
                 break
             except SlotInUse:
