@@ -13,10 +13,12 @@ from pathlib import Path
 
 import pytest
 
+from pgcapture.log import owner
 from pgcapture.log.owner import (
     Instance,
     current_instance,
     holder_is_gone,
+    lookup_process,
     new_owner_id,
     owner_is_gone,
     process_state,
@@ -35,10 +37,11 @@ HOLDER = {"host": "h", "pid": 42, "since": "2026-01-01T00:00:00Z", "id": "x", "b
         ({42: ("Z", 777)}, True),  # killed, not reaped yet: it cannot write
         ({42: ("S", 777)}, False),  # the holder itself, alive
         ({42: ("D", 777)}, False),  # alive, in uninterruptible sleep
+        ({42: ("?", None)}, False),  # some process has the pid; /proc hides which (hidepid)
     ],
 )
 def test_a_holder_seen_from_its_own_machine(
-    processes: dict[int, tuple[str, int]], gone: bool
+    processes: dict[int, tuple[str, int | None]], gone: bool
 ) -> None:
     assert holder_is_gone(HOLDER, HERE, processes.get) is gone
 
@@ -80,9 +83,20 @@ def test_this_process_is_alive() -> None:
     assert here is not None
     assert here.pid == os.getpid()
     assert process_state(os.getpid()) == ("R", here.start)
+    assert lookup_process(os.getpid()) == ("R", here.start)
     assert not owner_is_gone(new_owner_id().encode())
     assert not owner_is_gone(b"not json")
     assert not owner_is_gone(b"[1, 2]")
+
+
+def test_a_live_process_whose_proc_entry_is_hidden_is_not_gone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert owner.current_instance() is not None
+    held = new_owner_id().encode()  # this process, described before /proc hides it
+    monkeypatch.setattr(owner, "process_state", lambda pid, proc=None: None)  # hidepid=2
+    assert lookup_process(os.getpid()) == ("?", None)
+    assert not owner_is_gone(held)
 
 
 def test_a_killed_process_is_gone_before_and_after_it_is_reaped() -> None:

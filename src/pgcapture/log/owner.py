@@ -6,12 +6,14 @@ kernel's boot id, ``/proc/sys/kernel/random/boot_id``), ``pidns`` (the inode of 
 namespace, ``/proc/self/ns/pid``) and ``start`` (its start time in clock ticks after boot, field
 22 of ``/proc/PID/stat``, proc(5)).
 
-A process of the same boot and PID namespace sees the holder's ``/proc`` entry, so it can prove
-the holder dead: its pid is gone, is a zombie, or belongs to a process started at another time
-(the pid was reused). Such a lease is taken over at once instead of waiting for its TTL, so a
+A process of the same boot and PID namespace sees the holder's pid, so it can prove the holder
+dead: no process has that pid (``kill(pid, 0)`` says so even where ``/proc`` hides other users'
+processes, ``hidepid``), or its ``/proc`` entry shows a zombie or a process started at another
+time (the pid was reused). Such a lease is taken over at once instead of waiting for its TTL, so a
 restart right after ``kill -9`` needs no operator and no flag (issue 14). Nothing else proves
 anything: another machine or container, another boot, a value written by an older version, or
-no ``/proc`` at all (another OS) means waiting until the lease is released or expires. The rule
+no ``/proc`` at all (another OS), or a pid in use whose entry cannot be read, means waiting until
+the lease is released or expires. The rule
 errs one way only: a live holder is never taken for dead, because a live PID namespace keeps its
 inode, and a live process keeps its pid and start time.
 """
@@ -55,6 +57,18 @@ def process_state(pid: int, proc: Path = _PROC) -> tuple[str, int] | None:
         return fields[0], int(fields[19])
     except (IndexError, ValueError):
         return None
+
+
+def lookup_process(pid: int) -> tuple[str, int | None] | None:
+    """None when no process has ``pid``; else its state and start time, the start None when its
+    ``/proc`` entry cannot be read (another user's process under ``hidepid``)."""
+    try:
+        os.kill(pid, 0)  # signal 0: only whether the pid exists
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass  # it exists, and belongs to another user
+    return process_state(pid) or ("?", None)
 
 
 def current_instance(proc: Path = _PROC) -> Instance | None:
@@ -103,11 +117,11 @@ def describe_owner(value: bytes) -> str:
 def holder_is_gone(
     holder: Mapping[str, Any],
     here: Instance | None,
-    lookup: Callable[[int], tuple[str, int] | None],
+    lookup: Callable[[int], tuple[str, int | None] | None],
 ) -> bool:
     """Whether the process that wrote ``holder`` has provably ended, seen from ``here``.
 
-    ``lookup(pid)`` gives the state and start time of a pid in ``here``'s PID namespace."""
+    ``lookup(pid)`` tells of a pid in ``here``'s PID namespace as ``lookup_process`` does."""
     if here is None:
         return False
     boot, pidns, pid, start = (holder.get(k) for k in ("boot", "pidns", "pid", "start"))
@@ -119,6 +133,8 @@ def holder_is_gone(
     if found is None:
         return True  # no such process
     state, started = found
+    if started is None:
+        return False  # some process has the pid, and we cannot tell which
     return started != start or state in ("Z", "X")  # pid reused, or a corpse not yet reaped
 
 
@@ -130,4 +146,4 @@ def owner_is_gone(value: bytes) -> bool:
         return False
     if not isinstance(holder, dict):
         return False
-    return holder_is_gone(holder, _this_instance(), process_state)
+    return holder_is_gone(holder, _this_instance(), lookup_process)
