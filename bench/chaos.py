@@ -131,6 +131,9 @@ class Figures:
     dump_failures: list[str] = field(default_factory=list)
     workload_seconds: float = 0.0
     settle_seconds: float = 0.0  # from the workload's end until every process is healthy
+    pg_healthy: list[float] = field(default_factory=list)  # from a restart to all healthy
+    nats_healthy: list[float] = field(default_factory=list)  # from a node kill to all healthy
+    watchers: set[asyncio.Task[None]] = field(default_factory=set)
     lag: dict[str, str] = field(default_factory=dict)
     checks: list[tuple[str, bool, list[str]]] = field(default_factory=list)
 
@@ -622,8 +625,23 @@ async def kill_processes(
         sup.procs[rng.choice(names)].kill()
 
 
+async def healthy_again(sup: Supervisor, since: float, out: list[float]) -> None:
+    """Seconds from ``since`` until every pgcapture process answers /healthz (at most 120)."""
+    procs = [p for p in sup.procs.values() if p.health]
+    while time.monotonic() < since + 120:
+        if all([p.popen is not None and await healthy(p.health) for p in procs]):
+            out.append(time.monotonic() - since)
+            return
+        await asyncio.sleep(0.2)
+
+
 async def restart_postgres(
-    servers: Servers, every: float, rng: random.Random, stop: asyncio.Event, figures: Figures
+    servers: Servers,
+    sup: Supervisor,
+    every: float,
+    rng: random.Random,
+    stop: asyncio.Event,
+    figures: Figures,
 ) -> None:
     while not await stopped(stop, rng.expovariate(1 / every)):
         which = rng.choice(("source", "replica"))
@@ -634,6 +652,7 @@ async def restart_postgres(
         await asyncio.to_thread(restart_cluster, cluster, mode)
         note(f"{which} PostgreSQL started")
         figures.pg_restarts.append((which, mode, time.monotonic() - started))
+        figures.watchers.add(asyncio.create_task(healthy_again(sup, started, figures.pg_healthy)))
 
 
 def restart_cluster(cluster: LocalPostgres, mode: str) -> None:
@@ -643,11 +662,17 @@ def restart_cluster(cluster: LocalPostgres, mode: str) -> None:
 
 
 async def kill_nats_nodes(
-    servers: Servers, every: float, rng: random.Random, stop: asyncio.Event, figures: Figures
+    servers: Servers,
+    sup: Supervisor,
+    every: float,
+    rng: random.Random,
+    stop: asyncio.Event,
+    figures: Figures,
 ) -> None:
     while not await stopped(stop, rng.expovariate(1 / every)):
         node = rng.choice(servers.nats)
         down = rng.uniform(2, 10)
+        killed = time.monotonic()
         node.kill()
         note(f"kill -9 NATS node {node.base_dir.name}")
         await asyncio.sleep(down)
@@ -655,6 +680,7 @@ async def kill_nats_nodes(
         await asyncio.to_thread(node.start)
         note(f"NATS node {node.base_dir.name} started")
         figures.nats_kills.append((node.base_dir.name, down, time.monotonic() - started))
+        figures.watchers.add(asyncio.create_task(healthy_again(sup, killed, figures.nats_healthy)))
 
 
 # --- catching up --------------------------------------------------------------------------------
@@ -1040,10 +1066,10 @@ async def soak(
     fault_tasks = [
         asyncio.create_task(kill_processes(sup, args.kill_every, rngs[0], stop_faults)),
         asyncio.create_task(
-            restart_postgres(servers, args.pg_every, rngs[1], stop_faults, figures)
+            restart_postgres(servers, sup, args.pg_every, rngs[1], stop_faults, figures)
         ),
         asyncio.create_task(
-            kill_nats_nodes(servers, args.nats_every, rngs[2], stop_faults, figures)
+            kill_nats_nodes(servers, sup, args.nats_every, rngs[2], stop_faults, figures)
         ),
         asyncio.create_task(schedule_dumps(config, args.dump_every, rngs[3], stop_faults, figures)),
     ]
@@ -1080,9 +1106,10 @@ async def soak(
         stop_faults.set()
         stop_work.set()
         stop_all.set()
-        for task in (*fault_tasks, *workers, watcher, progress):
+        tasks = (*fault_tasks, *workers, watcher, progress, *figures.watchers)
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*fault_tasks, *workers, watcher, progress, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
     offset = time.time() - time.monotonic()
     for uri, path in files.items():
         proc = sup.procs[f"consumer {uri}"]
@@ -1149,15 +1176,18 @@ def print_report(args: argparse.Namespace, figures: Figures, sup: Supervisor) ->
             print(f"  {proc.name} exited {n}x, {reason}")
     restarts = Counter(f"{c} -m {m}" for c, m, _ in figures.pg_restarts)
     print(
-        f"\nPostgreSQL restarts: {len(figures.pg_restarts)} {dict(restarts)}; "
-        f"{seconds_summary([s for _, _, s in figures.pg_restarts])}"
+        f"\nPostgreSQL restarts: {len(figures.pg_restarts)} {dict(restarts)}; stop and start "
+        f"{seconds_summary([s for _, _, s in figures.pg_restarts])}; every pgcapture process "
+        f"healthy again {seconds_summary(figures.pg_healthy)} after the restart began"
     )
     print(
         f"NATS node kills: {len(figures.nats_kills)} "
         f"{dict(Counter(n for n, _, _ in figures.nats_kills))}; down "
         f"{seconds_summary([d for _, d, _ in figures.nats_kills])}, back up in "
-        f"{seconds_summary([u for _, _, u in figures.nats_kills])}"
+        f"{seconds_summary([u for _, _, u in figures.nats_kills])}; every pgcapture process "
+        f"healthy again {seconds_summary(figures.nats_healthy)} after the kill"
     )
+    print("  (the time until healthy includes the process kills that fell in between)")
     print("\nfinal lag and counts:")
     for name, value in figures.lag.items():
         print(f"  {name}: {value}")
