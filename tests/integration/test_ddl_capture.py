@@ -385,6 +385,30 @@ async def test_create_table_as_is_logged_as_the_table_it_makes(
         await run(session, f"DROP TABLE {name}", f"ALTER TABLE made RENAME TO {name}")
 
 
+async def test_prepared_statements_are_read_as_they_were_when_executed(
+    session: psycopg.AsyncConnection[Any],
+) -> None:
+    # one query string prepares the same names twice; pg_prepared_statements holds the whole
+    # string, and the EXECUTE is judged by the PREPARE before it
+    await run(
+        session,
+        "create table a (x int); prepare pi as select 1 as a into f; execute pi; "
+        "prepare q as select 1; execute q; create index on a (x); deallocate pi; "
+        "prepare pi as select 2::bigint as b into g; execute pi; "
+        "prepare w as select 1 as k; create table w1 as execute w; deallocate w; "
+        "prepare w (text) as select $1 || 'x' as t; create table w2 as execute w('y')",
+    )
+    rows = await logged(session)
+    assert [(r.query, r.activity["exact"]) for r in rows] == [
+        ("create table a (x int)", True),
+        ("CREATE TABLE f (a integer)", True),
+        ("create index on a (x)", True),
+        ("CREATE TABLE g (b bigint)", True),
+        ("create table w1 (k integer)", True),
+        ("create table w2 (t text)", True),
+    ]
+
+
 async def _table_shape(conn: psycopg.AsyncConnection[Any], name: str) -> tuple[Any, ...]:
     cur = await conn.execute(
         "SELECT array_agg(format('%%s %%s %%s', attname, format_type(atttypid, atttypmod), "

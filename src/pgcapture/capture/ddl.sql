@@ -17,6 +17,7 @@ DROP EVENT TRIGGER IF EXISTS pgcapture_ddl_command_end;
 -- signatures of earlier versions
 DROP FUNCTION IF EXISTS pgcapture.write_log(jsonb, text, jsonb);
 DROP FUNCTION IF EXISTS pgcapture.handle_failure(text, text, text);
+DROP FUNCTION IF EXISTS pgcapture.prepared_query(text);
 
 CREATE SCHEMA IF NOT EXISTS pgcapture;
 -- Which version of this script is installed (the installer fills in a hash of the script).
@@ -438,12 +439,23 @@ BEGIN
         RETURN CASE WHEN pgcapture.select_into_at(sw.words, sw.depths) IS NOT NULL
                     THEN 'SELECT INTO' END;
     WHEN 'execute' THEN
-        -- EXECUTE of a prepared SELECT ... INTO is a SELECT INTO (the only DDL PREPARE takes)
-        RETURN CASE WHEN pgcapture.ddl_tag_prefix(pgcapture.prepared_query(stmt)) = 'SELECT INTO'
-                    THEN 'SELECT INTO' END;
+        RETURN pgcapture.execute_tag_prefix(stmt, NULL);
     ELSE
         RETURN NULL;
     END CASE;
+END
+$fn$;
+
+-- The tag prefix of `EXECUTE name ...`: 'SELECT INTO' when the prepared statement is a
+-- SELECT ... INTO (the only DDL that PREPARE takes), else NULL. `before`: see prepared_query.
+CREATE OR REPLACE FUNCTION pgcapture.execute_tag_prefix(stmt text, before int)
+RETURNS text
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+BEGIN
+    RETURN CASE WHEN pgcapture.ddl_tag_prefix(pgcapture.prepared_query(stmt, before))
+                     = 'SELECT INTO' THEN 'SELECT INTO' END;
 END
 $fn$;
 
@@ -718,14 +730,29 @@ BEGIN
             SELECT coalesce(jsonb_agg(jsonb_build_array(x.n - 1, x.first, x.last, x.prefix)
                                       ORDER BY x.n) FILTER (WHERE x.prefix IS NOT NULL), '[]')
             FROM (SELECT row_number() OVER (ORDER BY s.first) AS n, s.first, s.last,
-                         pgcapture.ddl_tag_prefix(s.body) AS prefix
+                         CASE WHEN (pgcapture.statement_words(s.body)).words[1] = 'execute'
+                              THEN 'EXECUTE'
+                              ELSE pgcapture.ddl_tag_prefix(s.body) END AS prefix
                   FROM pgcapture.statements(src) AS s) AS x));
     END IF;
-    SELECT x INTO nxt FROM jsonb_array_elements(st -> 'top') AS x
-    WHERE (x ->> 0)::int > pos ORDER BY (x ->> 0)::int LIMIT 1;
-    SELECT x INTO hit FROM jsonb_array_elements(st -> 'top') AS x
-    WHERE (x ->> 0)::int > pos AND pgcapture.tag_matches(x ->> 3, tag)
-    ORDER BY (x ->> 0)::int LIMIT 1;
+    -- whether an EXECUTE fires depends on its prepared statement when it runs (the string may
+    -- prepare it after the cache was made)
+    SELECT x INTO nxt FROM (
+        SELECT CASE WHEN y ->> 3 = 'EXECUTE' THEN jsonb_set(y, '{3}', coalesce(to_jsonb(
+                   pgcapture.execute_tag_prefix(substr(src, (y ->> 1)::int,
+                                                       (y ->> 2)::int - (y ->> 1)::int + 1),
+                                                (y ->> 1)::int)),
+                   'null'))
+                   ELSE y END AS x
+        FROM jsonb_array_elements(st -> 'top') AS y
+        WHERE (y ->> 0)::int > pos) AS c
+    WHERE x ->> 3 IS NOT NULL ORDER BY (x ->> 0)::int LIMIT 1;
+    hit := CASE WHEN pgcapture.tag_matches(nxt ->> 3, tag) THEN nxt END;
+    IF hit IS NULL THEN
+        SELECT x INTO hit FROM jsonb_array_elements(st -> 'top') AS x
+        WHERE (x ->> 0)::int > pos AND pgcapture.tag_matches(x ->> 3, tag)
+        ORDER BY (x ->> 0)::int LIMIT 1;
+    END IF;
     IF hit IS NOT NULL THEN
         PERFORM pgcapture.top_cursor_set(st ->> 'msg', (hit ->> 0)::int);
     END IF;
@@ -734,7 +761,8 @@ BEGIN
                              'no statement left in the query string fires event triggers');
     ELSIF nxt = hit THEN
         e := pgcapture.entry(tag, 'top', substr(src, (nxt ->> 1)::int,
-                                                (nxt ->> 2)::int - (nxt ->> 1)::int + 1), true);
+                                                (nxt ->> 2)::int - (nxt ->> 1)::int + 1), true)
+             || jsonb_build_object('at', (nxt ->> 1)::int);
     ELSE
         e := pgcapture.entry(tag, 'top', src, false, format(
             'the next statement of the query string that fires event triggers is %s, not %s',
@@ -1080,8 +1108,9 @@ END
 $fn$;
 
 -- The query of a prepared statement run by `EXECUTE name [(args)]`, with its parameters
--- replaced by NULLs of their types (only the result's shape is wanted), or NULL.
-CREATE OR REPLACE FUNCTION pgcapture.prepared_query(execute_stmt text)
+-- replaced by NULLs of their types (only the result's shape is wanted), or NULL. `before` is
+-- where the statement with the EXECUTE starts in the client's query string, when known.
+CREATE OR REPLACE FUNCTION pgcapture.prepared_query(execute_stmt text, before int DEFAULT NULL)
 RETURNS text
 LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
@@ -1102,10 +1131,15 @@ BEGIN
     END IF;
     src := ps.statement;
     IF ps.from_sql THEN
-        -- the text is the client's query string: its PREPARE name [(types)] AS query
+        -- the text is the whole query string that prepared it: the statement is its last
+        -- PREPARE name [(types)] AS query, or when that string runs now, the last one before
+        -- position `before`, where the EXECUTE is
         SELECT s.body INTO src FROM pgcapture.statements(ps.statement) AS s
         WHERE (pgcapture.statement_words(s.body)).words[1:2] IN (ARRAY['prepare', pname],
                                                                ARRAY['prepare', '"' || pname])
+          AND (before IS NULL OR ps.statement IS DISTINCT FROM current_query()
+               OR s.first < before)
+        ORDER BY s.first DESC
         LIMIT 1;
         SELECT x.last INTO done FROM pgcapture.lex(src) AS x
         WHERE x.kind = 'word' AND x.word = 'as' ORDER BY x.first LIMIT 1;
@@ -1145,7 +1179,7 @@ BEGIN
     IF p.head IS NULL THEN
         RETURN e;
     ELSIF (pgcapture.statement_words(q)).words[1] = 'execute' THEN
-        q := pgcapture.prepared_query(q);
+        q := pgcapture.prepared_query(q, (e ->> 'at')::int);
     END IF;
     IF q IS NULL THEN
         RETURN e;
@@ -1420,7 +1454,8 @@ DECLARE
 BEGIN
     IF exact AND (pgcapture.statement_words(written)).words[1] = 'execute' THEN
         -- EXECUTE of a prepared SELECT INTO: judged by the prepared query
-        e := e || jsonb_build_object('query', pgcapture.prepared_query(written));
+        e := e || jsonb_build_object('query',
+                                     pgcapture.prepared_query(written, (e ->> 'at')::int));
     END IF;
     IF e ->> 'source' = 'internal' THEN
         RETURN e;
