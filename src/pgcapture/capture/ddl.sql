@@ -724,6 +724,7 @@ DECLARE
     pos int := pgcapture.top_cursor(st ->> 'msg');
     nxt jsonb;
     hit jsonb;
+    y jsonb;
 BEGIN
     IF st -> 'top' IS NULL THEN
         st := st || jsonb_build_object('top', (
@@ -735,18 +736,21 @@ BEGIN
                               ELSE pgcapture.ddl_tag_prefix(s.body) END AS prefix
                   FROM pgcapture.statements(src) AS s) AS x));
     END IF;
-    -- whether an EXECUTE fires depends on its prepared statement when it runs (the string may
-    -- prepare it after the cache was made)
-    SELECT x INTO nxt FROM (
-        SELECT CASE WHEN y ->> 3 = 'EXECUTE' THEN jsonb_set(y, '{3}', coalesce(to_jsonb(
-                   pgcapture.execute_tag_prefix(substr(src, (y ->> 1)::int,
-                                                       (y ->> 2)::int - (y ->> 1)::int + 1),
-                                                (y ->> 1)::int)),
-                   'null'))
-                   ELSE y END AS x
-        FROM jsonb_array_elements(st -> 'top') AS y
-        WHERE (y ->> 0)::int > pos) AS c
-    WHERE x ->> 3 IS NOT NULL ORDER BY (x ->> 0)::int LIMIT 1;
+    -- Whether an EXECUTE fires depends on its prepared statement when it runs (the string may
+    -- prepare it after the cache was made). Only a SELECT INTO can be one: an EXECUTE that
+    -- fired before another statement would have moved the cursor past it.
+    FOR y IN SELECT x FROM jsonb_array_elements(st -> 'top') AS x
+             WHERE (x ->> 0)::int > pos ORDER BY (x ->> 0)::int LOOP
+        IF y ->> 3 = 'EXECUTE' THEN
+            CONTINUE WHEN tag <> 'SELECT INTO';
+            y := jsonb_set(y, '{3}', coalesce(to_jsonb(pgcapture.execute_tag_prefix(
+                substr(src, (y ->> 1)::int, (y ->> 2)::int - (y ->> 1)::int + 1),
+                (y ->> 1)::int)), 'null'));
+            CONTINUE WHEN y ->> 3 IS NULL;
+        END IF;
+        nxt := y;
+        EXIT;
+    END LOOP;
     hit := CASE WHEN pgcapture.tag_matches(nxt ->> 3, tag) THEN nxt END;
     IF hit IS NULL THEN
         SELECT x INTO hit FROM jsonb_array_elements(st -> 'top') AS x
