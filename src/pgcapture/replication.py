@@ -18,6 +18,8 @@ The contract with the caller (DESIGN.md, contract 2):
   committed before it has been delivered already.
 * An error the server ends the stream with is raised once the messages it sent before it have
   been returned: a caller that reads the stream again knows exactly what it already has.
+* The walsender runs with an empty ``search_path``: values sent in text that name database
+  objects (``regclass``, ``regtype``, ...) are schema-qualified unless in ``pg_catalog``.
 
 psycopg registers its own reader on the connection's socket while it executes a command, and
 removes it afterwards; ours is registered only once ``START_REPLICATION`` has returned.
@@ -133,6 +135,13 @@ class ReplicationStream:
         it (contract 2).
         """
         opts = ", ".join(f"{quote_ident(k)} {quote_literal(v)}" for k, v in options.items())
+        try:
+            # Text values of types that name objects (regclass, regtype, ...) come from their
+            # output functions in the walsender: with no schema on the path, every name
+            # outside pg_catalog is schema-qualified, as pg_dump writes them.
+            await self._conn.execute("SET search_path = ''")
+        except psycopg.Error as exc:
+            raise _translate_stream_error(exc, slot) from exc
         sql = f"START_REPLICATION SLOT {quote_ident(slot)} LOGICAL {format_lsn(start_lsn)} ({opts})"
         try:
             await self._conn.execute(sql)

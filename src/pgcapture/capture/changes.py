@@ -14,6 +14,13 @@ the wire contract (contract 3):
   key-only old image (``K``) just the key columns, since the server sends NULL for the others.
 * ``Field.key`` is set on every field of a column the Relation message flags as part of the
   replica identity (every column under REPLICA IDENTITY FULL), in both images.
+
+An assembler made with ``hold=True`` holds every relation its Relation message announces: a row
+change of a held relation raises ``RelationHeld`` before anything is consumed, so that the
+caller can look at the relation's column types (``relation``) and then ``release`` it (and feed
+the same message again), or leave it held. ``hold`` puts a released relation back on hold;
+``watch`` makes each change of a relation call a function first. Released relations cost the
+row path nothing.
 """
 
 from __future__ import annotations
@@ -52,6 +59,14 @@ _U16: Final = Struct(">H")
 _I32: Final = Struct(">i")
 
 
+class RelationHeld(Exception):
+    """A row change of a held relation arrived; nothing of it was consumed."""
+
+    def __init__(self, relid: int) -> None:
+        super().__init__(relid)
+        self.relid = relid
+
+
 class Record(NamedTuple):
     """One message of the stream: checkpoint (``lsn``, ``seq``) and wire ``Message`` bytes.
 
@@ -79,6 +94,7 @@ class _RelationEncoder:
 
     schema: str
     table: str
+    types: tuple[int, ...]  # the columns' type OIDs
     full_identity: bool
     prefixes: tuple[bytes, ...]
     suffixes: tuple[bytes, ...]  # per column, what follows the value: the key flag or nothing
@@ -102,6 +118,7 @@ class _RelationEncoder:
         return cls(
             schema=rel.namespace,
             table=rel.name,
+            types=tuple(c.type_oid for c in rel.columns),
             full_identity=rel.replica_identity == "f",
             prefixes=prefixes,
             suffixes=suffixes,
@@ -116,8 +133,11 @@ class _RelationEncoder:
 class ChangeAssembler:
     """Assigns checkpoints and encodes wire messages; holds only the relation cache."""
 
-    def __init__(self) -> None:
-        self._relations: dict[int, _RelationEncoder] = {}
+    def __init__(self, hold: bool = False) -> None:
+        self._relations: dict[int, _RelationEncoder] = {}  # released: the fast path's
+        self._hold = hold
+        self._held: dict[int, _RelationEncoder] = {}
+        self._watched: dict[int, tuple[_RelationEncoder, Callable[[], None]]] = {}
         # Compiled layouts by (relation, tag, message size); see layout.py. A shape becomes a
         # layout the second time it is seen; a Relation message drops its relation's layouts.
         self._layouts: dict[tuple[int, int, int], RowLayout] = {}
@@ -130,6 +150,28 @@ class ChangeAssembler:
         """The commit LSN of the transaction being read (its Begin came, its Commit did not
         yet), 0 between transactions."""
         return self._lsn
+
+    def relation(self, relid: int) -> _RelationEncoder:
+        """The relation ``relid`` as its last Relation message described it."""
+        return self._relation(relid)
+
+    def release(self, relid: int) -> None:
+        """Changes of the held relation ``relid`` are assembled from now on."""
+        rel = self._held.pop(relid, None)
+        if rel is not None:
+            self._relations[relid] = rel
+
+    def hold(self, relid: int) -> None:
+        """Changes of ``relid`` raise ``RelationHeld`` again (until its next ``release``)."""
+        rel = self._relations.pop(relid, None)
+        if rel is not None:
+            self._held[relid] = rel
+
+    def watch(self, relid: int, seen: Callable[[], None]) -> None:
+        """Each change of ``relid`` (held or released) calls ``seen`` before it is assembled."""
+        rel = self._held.pop(relid, None) or self._relations.pop(relid, None)
+        if rel is not None:
+            self._watched[relid] = (rel, seen)
 
     def feed_raw(self, data: bytes, decode: Callable[[bytes], PgOutputMessage]) -> Record | None:
         """``feed(decode(data))``, with a fused path for the common row messages.
@@ -201,7 +243,13 @@ class ChangeAssembler:
             return self._commit(msg)  # type: ignore[arg-type]
         if kind is Relation:
             assert isinstance(msg, Relation)
-            self._relations[msg.relid] = _RelationEncoder.of(msg)
+            relid = msg.relid
+            self._watched.pop(relid, None)
+            if self._hold:
+                self._relations.pop(relid, None)
+                self._held[relid] = _RelationEncoder.of(msg)
+            else:
+                self._relations[relid] = _RelationEncoder.of(msg)
             self._layouts = {k: v for k, v in self._layouts.items() if k[0] != msg.relid}
             return None
         if kind is Truncate:
@@ -240,15 +288,31 @@ class ChangeAssembler:
         return self._seq
 
     def _relation(self, relid: int) -> _RelationEncoder:
-        try:
-            return self._relations[relid]
-        except KeyError:
-            raise ProtocolError(
-                f"change for relation oid {relid} before its Relation message"
-            ) from None
+        rel = self._relations.get(relid) or self._held.get(relid)
+        if rel is not None:
+            return rel
+        watched = self._watched.get(relid)
+        if watched is not None:
+            return watched[0]
+        raise ProtocolError(f"change for relation oid {relid} before its Relation message")
+
+    def _changed(self, relid: int) -> _RelationEncoder:
+        """The relation of a row change; raises ``RelationHeld`` for a held one."""
+        rel = self._relations.get(relid)
+        if rel is not None:
+            return rel
+        if relid in self._held:
+            if not self._lsn:
+                raise ProtocolError("row change outside a transaction")
+            raise RelationHeld(relid)
+        watched = self._watched.get(relid)
+        if watched is not None:
+            watched[1]()
+            return watched[0]
+        return self._relation(relid)
 
     def _change(self, msg: Insert | Update | Delete) -> Record:
-        rel = self._relation(msg.relid)
+        rel = self._changed(msg.relid)
         seq = self._next_seq("row change")
         if type(msg) is Insert:
             new = _fields(rel, msg.new)

@@ -25,6 +25,28 @@ starts a binary stream again just past its Commit:
   ``on_text_fallback``.
 
 A temporary slot cannot be read again on another connection: there the error is raised.
+
+Values that name database objects (``regclass``, ``regtype``, ``regproc``, ``regprocedure``,
+``regoper``, ``regoperator``, ``regnamespace``, ``regrole``, ``regconfig``, ``regdictionary``,
+``regcollation``; arrays, domains, ranges and composites of them) are OIDs in binary, and OIDs
+of user objects differ on a replica. In text the walsender writes the object's name as it was
+when the row was written (its output functions run under the historic catalog snapshot), with
+``search_path`` empty so that every object outside ``pg_catalog`` is schema-qualified: the
+replica's input functions find the same object by that name. So the transaction of such a
+change is read again in text, as above:
+
+* in binary, every relation is held when its Relation message comes (``ChangeAssembler(hold=
+  True)``); at its first change the reader looks at its column types, from a cache by type OID
+  filled by one catalog query (all built-in types and the relation's unknown ones) on a
+  connection of its own, and releases it, which leaves the row path as it was, unless a column
+  is or holds such a type (or a type since dropped, or a composite with a dropped attribute,
+  which might have); that change then starts the text reading of its transaction;
+* a composite type can gain an attribute while a column uses it, with no new Relation message:
+  each change of ``pgcapture.ddl_logs`` (every DDL statement) puts the relations whose answer
+  came through a user composite back on hold, and drops those answers from the cache;
+* each transaction read so is logged and reported to ``on_text_fallback`` with the type found.
+
+With a temporary slot such values go out in binary.
 """
 
 from __future__ import annotations
@@ -34,13 +56,13 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 import psycopg
 
-from pgcapture.capture.changes import ChangeAssembler, Record
-from pgcapture.capture.setup import prepare_source
-from pgcapture.errors import NoBinaryOutput, SlotInUse
+from pgcapture.capture.changes import ChangeAssembler, Record, RelationHeld
+from pgcapture.capture.setup import DDL_TABLE, prepare_source
+from pgcapture.errors import ConnectionLost, NoBinaryOutput, SlotInUse
 from pgcapture.lsn import format_lsn
 from pgcapture.pgoutput import PgOutputDecoder
 from pgcapture.proto import pb
@@ -49,6 +71,58 @@ from pgcapture.replication import ReplicationStream
 PROTOCOL_VERSION: Final = 1
 _SLOT_RELEASE: Final = 10.0  # seconds a closed stream's walsender may hold the slot
 log = logging.getLogger("pgcapture.capture")
+
+NO_BINARY_SEND: Final = "no binary send function"
+NAMES_OBJECTS: Final = "its values name database objects"
+DROPPED: Final = "(dropped)"  # the type found when a type or attribute was dropped since
+
+# The types whose values are OIDs of database objects, by OID (equal on every server).
+OBJECT_NAME_TYPES: Final = {
+    24: "regproc", 2202: "regprocedure", 2203: "regoper", 2204: "regoperator",
+    2205: "regclass", 2206: "regtype", 3734: "regconfig", 3769: "regdictionary",
+    4089: "regnamespace", 4096: "regrole", 4191: "regcollation",
+}  # fmt: skip
+# For each type of ``oids`` (and every built-in type when ``builtins``): the first type naming database objects
+# it is or holds (array elements, domain base types, range subtypes, composite attributes, at any
+# depth), whether something it holds is gone (a dropped type or composite attribute: OID 0 or
+# none), and whether it holds a user composite type, which can change.
+_TYPE_QUERY: Final = """
+WITH RECURSIVE walk(root, typ) AS (
+    SELECT t.oid, t.oid FROM pg_catalog.pg_type AS t WHERE %(builtins)s AND t.oid < 16384
+  UNION
+    SELECT r, r FROM pg_catalog.unnest(%(oids)s::pg_catalog.oid[]) AS r
+  UNION
+    SELECT w.root, s.typ
+    FROM walk AS w
+    JOIN pg_catalog.pg_type AS t ON t.oid = w.typ
+    CROSS JOIN LATERAL (
+        SELECT t.typelem WHERE t.typelem <> 0
+      UNION ALL
+        SELECT t.typbasetype WHERE t.typbasetype <> 0
+      UNION ALL
+        SELECT r.rngsubtype FROM pg_catalog.pg_range AS r
+        WHERE r.rngtypid = t.oid OR r.rngmultitypid = t.oid
+      UNION ALL
+        SELECT a.atttypid FROM pg_catalog.pg_attribute AS a
+        WHERE t.typrelid <> 0 AND a.attrelid = t.typrelid AND a.attnum > 0
+    ) AS s(typ)
+)
+SELECT w.root,
+       pg_catalog.min(w.typ::pg_catalog.int8) FILTER (WHERE w.typ = ANY(%(names)s::pg_catalog.oid[])),
+       pg_catalog.bool_or(t.oid IS NULL),
+       pg_catalog.bool_or(t.typtype = 'c' AND t.oid >= 16384)
+FROM walk AS w LEFT JOIN pg_catalog.pg_type AS t ON t.oid = w.typ
+GROUP BY w.root
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class _TypeInfo:
+    """What a type OID holds: the type naming objects found (or ``DROPPED``, or None), and
+    whether the answer came through a user composite type (which can change)."""
+
+    names: str | None
+    mutable: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +133,7 @@ class TextFallback:
     lsn: int
     xid: int
     type_name: str
+    reason: str = NO_BINARY_SEND  # or NAMES_OBJECTS: the type's values name database objects
 
 
 @dataclass(slots=True)
@@ -67,6 +142,7 @@ class _TextRead:
 
     after: int
     type_name: str
+    reason: str = NO_BINARY_SEND
     xid: int = 0
 
 
@@ -93,7 +169,11 @@ class SlotReader:
         self.start_lsn = 0
         self._stream: ReplicationStream | None = None
         self._decoder = PgOutputDecoder(PROTOCOL_VERSION)
-        self._assembler = ChangeAssembler()
+        self._assembler = ChangeAssembler(hold=not temporary)
+        self._types: dict[int, _TypeInfo] = {}  # by type OID, see _classify
+        self._builtins_known = False
+        self._catalog: psycopg.AsyncConnection[Any] | None = None  # for the type lookups
+        self._mutable: set[int] = set()  # released relations whose answer may change with DDL
         self._confirmed = 0  # what the caller made durable
         self._last = (0, 0)  # checkpoint of the last record returned
         self._replayed_to: tuple[int, int] | None = None  # drop up to here after a switch
@@ -149,27 +229,50 @@ class SlotReader:
                     raise
                 await self._fall_back(exc)
                 continue
-            if self._replayed_to is None and self._text is None:
-                decode = self._decoder.decode
-                feed = self._assembler.feed_raw
-                for payload in payloads:
-                    record = feed(payload, decode)
-                    if record is not None:
-                        out.append(record)
-            else:
-                self._replay(payloads, out)
+            at = 0
+            while at < len(payloads):
+                try:
+                    if self._replayed_to is None and self._text is None:
+                        self._feed(payloads, at, out)
+                    else:
+                        self._replay(payloads, at, out)
+                    break
+                except _Held as held:
+                    at = held.at
+                    type_name = await self._classify(held.relid)
+                    if type_name is not None:
+                        if out:  # returned now; the text reading drops them
+                            self._last = (out[-1].lsn, out[-1].seq)
+                        await self._names_objects(held.relid, type_name)
+                        break
         last = out[-1]
         self._last = (last.lsn, last.seq)
         return out
 
-    def _replay(self, payloads: list[bytes], out: list[Record]) -> None:
+    def _feed(self, payloads: list[bytes], at: int, out: list[Record]) -> None:
+        decode = self._decoder.decode
+        feed = self._assembler.feed_raw
+        append = out.append
+        i = at
+        try:
+            for i, payload in enumerate(payloads if not at else payloads[at:], at):  # noqa: B007
+                record = feed(payload, decode)
+                if record is not None:
+                    append(record)
+        except RelationHeld as exc:
+            raise _Held(exc.relid, i) from None
+
+    def _replay(self, payloads: list[bytes], at: int, out: list[Record]) -> None:
         """Records after a switch of streams: drop what was returned before; at the Commit of
         a transaction read in text, stop (the binary stream takes over after it)."""
         decode = self._decoder.decode
         feed = self._assembler.feed_raw
         text = self._text
-        for payload in payloads:
-            record = feed(payload, decode)
+        for i in range(at, len(payloads)):
+            try:
+                record = feed(payloads[i], decode)
+            except RelationHeld as exc:
+                raise _Held(exc.relid, i) from None
             if record is None:
                 continue
             if text is not None and record.seq == 0 and record.lsn > text.after:
@@ -182,6 +285,77 @@ class SlotReader:
             if text is not None and record.is_commit and record.lsn > text.after:
                 self._text_done(text, record)
                 return  # the rest is read again, in binary
+
+    async def _classify(self, relid: int) -> str | None:
+        """Release the held relation ``relid``, or return the type naming database objects
+        that one of its columns is or holds (it stays held)."""
+        assembler = self._assembler
+        rel = assembler.relation(relid)
+        unknown = [t for t in set(rel.types) if t not in self._types]
+        if unknown or not self._builtins_known:
+            await self._look_up(unknown)
+        infos = [self._types.get(t, _TypeInfo(DROPPED, False)) for t in rel.types]
+        found = next((i.names for i in infos if i.names is not None), None)
+        if found is not None:
+            return found
+        if (rel.schema, rel.table) == DDL_TABLE:
+            assembler.watch(relid, self._ddl_seen)
+            return None
+        assembler.release(relid)
+        if any(i.mutable for i in infos):
+            self._mutable.add(relid)
+        return None
+
+    def _ddl_seen(self) -> None:
+        """A DDL statement: composite types may have changed; ask again."""
+        if not self._mutable:
+            return
+        for relid in self._mutable:
+            self._assembler.hold(relid)
+        self._mutable.clear()
+        self._types = {oid: info for oid, info in self._types.items() if not info.mutable}
+
+    async def _look_up(self, oids: list[int]) -> None:
+        """Fill the type cache for ``oids`` (and the built-in types, the first time)."""
+        builtins = not self._builtins_known
+        for attempt in (1, 2):
+            conn = self._catalog
+            try:
+                if conn is None or conn.closed:
+                    conn = self._catalog = await psycopg.AsyncConnection.connect(
+                        self.dsn, autocommit=True
+                    )
+                cur = await conn.execute(
+                    _TYPE_QUERY,
+                    {"oids": oids, "builtins": builtins, "names": list(OBJECT_NAME_TYPES)},
+                    prepare=False,
+                )
+                rows = await cur.fetchall()
+                break
+            except psycopg.OperationalError as exc:
+                if self._catalog is not None:
+                    await self._catalog.close()
+                    self._catalog = None
+                if attempt == 2:
+                    raise ConnectionLost(f"looking up column types on the source: {exc}") from exc
+        for root, names, gone, mutable in rows:
+            name = OBJECT_NAME_TYPES[int(names)] if names is not None else None
+            self._types[int(root)] = _TypeInfo(name or (DROPPED if gone else None), bool(mutable))
+        for oid in oids:
+            self._types.setdefault(oid, _TypeInfo(DROPPED, False))  # no such type any more
+        self._builtins_known = True
+
+    async def _names_objects(self, relid: int, type_name: str) -> None:
+        rel = self._assembler.relation(relid)
+        open_lsn = self._assembler.open_lsn
+        log.info(
+            "a column of %s.%s is or holds type %s, whose values name database objects: "
+            "reading the transaction committing at %s again, from %s, with text values",
+            rel.schema, rel.table, type_name, format_lsn(open_lsn), format_lsn(self._confirmed),
+            extra={"slot": self.slot, "type": type_name},
+        )  # fmt: skip
+        await self._switch(binary=False)
+        self._text = _TextRead(open_lsn - 1, type_name, NAMES_OBJECTS)
 
     async def _fall_back(self, exc: NoBinaryOutput) -> None:
         open_lsn = self._assembler.open_lsn
@@ -197,13 +371,13 @@ class SlotReader:
         self._text = _TextRead(after, exc.type_name)
 
     def _text_done(self, text: _TextRead, commit: Record) -> None:
-        fallback = TextFallback(commit.lsn, text.xid, text.type_name)
+        fallback = TextFallback(commit.lsn, text.xid, text.type_name, text.reason)
         log.warning(
-            "transaction %d (commit %s) went through in text format: a value of type %s has no "
-            "binary send function; back to binary values after it",
-            fallback.xid, format_lsn(fallback.lsn), fallback.type_name,
+            "transaction %d (commit %s) went through in text format: type %s, %s; back to "
+            "binary values after it",
+            fallback.xid, format_lsn(fallback.lsn), fallback.type_name, fallback.reason,
             extra={"slot": self.slot, "xid": fallback.xid, "lsn": format_lsn(fallback.lsn),
-                   "type": fallback.type_name},
+                   "type": fallback.type_name, "reason": fallback.reason},
         )  # fmt: skip
         self._text = None
         self._binary_from = commit.end_lsn
@@ -220,7 +394,8 @@ class SlotReader:
             self._confirmed = max(self._confirmed, old.confirmed)
             await old.close()
         self._decoder = PgOutputDecoder(PROTOCOL_VERSION)
-        self._assembler = ChangeAssembler()
+        self._assembler = ChangeAssembler(hold=binary and not self.temporary)
+        self._mutable.clear()
         self._replayed_to = self._last
         start = self._confirmed if start_lsn is None else start_lsn
         deadline = time.monotonic() + _SLOT_RELEASE
@@ -251,6 +426,18 @@ class SlotReader:
             self._stream.confirm(lsn)
 
     async def close(self) -> None:
+        if self._catalog is not None:
+            catalog, self._catalog = self._catalog, None
+            await catalog.close()
         if self._stream is not None:
             stream, self._stream = self._stream, None
             await stream.close()
+
+
+class _Held(Exception):
+    """The change at ``payloads[at]`` is of the held relation ``relid``: classify, go on."""
+
+    def __init__(self, relid: int, at: int) -> None:
+        super().__init__(relid, at)
+        self.relid = relid
+        self.at = at
