@@ -32,9 +32,11 @@ seconds) and three checks run:
    time (see bench/chaos_consumer.py).
 
 It prints the figures (transactions, rows, bytes, kills per process, PostgreSQL restarts, NATS
-node kills, recovery times, final lag) and PASS/FAIL per check; exits 1 when a check fails.
+node kills, recovery times, final lag) and PASS/FAIL per check; exits 1 when a check fails,
+130 on Ctrl-C.
 Every process and directory it made is removed at the end, on Ctrl-C and on failure too
-(``--keep`` keeps the directory, with every process's log, for a look afterwards).
+(``--keep`` keeps the directory, with every process's log, the consumers' files and
+``timeline.txt``: every fault, restart, exit and recovery with its time).
 
     uv run --frozen python bench/chaos.py --duration 10m
     uv run --frozen python bench/chaos.py --duration 2m --seed 7 --max-value 700kB
