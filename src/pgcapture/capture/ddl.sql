@@ -1413,8 +1413,7 @@ AS $fn$
 DECLARE
     rel oid;
 BEGIN
-    IF NOT (e ->> 'exact')::boolean OR strpos(lower(e ->> 'query'), 'like') = 0
-       OR NOT pgcapture.likes_temp_table(e ->> 'query', user_path) THEN
+    IF NOT (e ->> 'exact')::boolean OR NOT pgcapture.likes_temp_table(e ->> 'query', user_path) THEN
         RETURN e;
     END IF;
     SELECT c.objid INTO rel FROM pg_event_trigger_ddl_commands() AS c
@@ -1546,7 +1545,7 @@ BEGIN
     END IF;
     objs := pgcapture.collected_objects();
     e := pgcapture.end_decision(e, tag, objs, user_path);
-    IF tag = 'CREATE TABLE' AND e IS NOT NULL THEN
+    IF tag = 'CREATE TABLE' AND strpos(lower(e ->> 'query'), 'like') > 0 THEN
         e := pgcapture.create_table_effect(e, user_path);
     END IF;
     IF e IS NOT NULL THEN
