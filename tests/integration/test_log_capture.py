@@ -11,6 +11,7 @@ import contextlib
 import itertools
 import json
 import sys
+from collections.abc import AsyncIterator
 
 import nats as natslib
 import pytest
@@ -33,7 +34,7 @@ from pgcapture.capture.retry import run_capture
 from pgcapture.errors import ConfigError, SourceError
 from pgcapture.local import LocalNats, LocalPostgres
 from pgcapture.local.postgres import free_port
-from pgcapture.log.reader import read_batches
+from pgcapture.log.reader import StoredBatch, read_batches
 from pgcapture.ops.metrics import CaptureMetrics, SlotLagMonitor
 from pgcapture.ops.service import serve_capture
 
@@ -260,13 +261,36 @@ async def test_source_error_when_lease_is_held_in_process(dsn: str, nats: LocalN
             )
 
 
-async def test_record_larger_than_the_servers_max_payload_is_a_clear_error(
+async def test_records_larger_than_the_servers_max_payload_are_stored_in_fragments(
     dsn: str, nats: LocalNats
 ) -> None:
     name = source_name()
     config = make_config(dsn, nats.url, name)
     await run_sql(dsn, "CREATE TABLE big (v text)")
     await prepare_slots(dsn, config.source(name))
-    await run_sql(dsn, "INSERT INTO big VALUES (repeat('x', 2000000))")
-    with pytest.raises(ConfigError, match="more than the NATS server's max_payload"):
-        await asyncio.wait_for(run_capture(config.source(name), config.nats, asyncio.Event()), 30)
+    await run_sql(
+        dsn,
+        "INSERT INTO big VALUES (repeat('x', 2000000)), ('small')",
+        "CREATE TABLE done (id int)",
+        "INSERT INTO done VALUES (1)",
+    )
+    expected = await reference(dsn, config.source(name))
+    async with capturing(config, name):
+        await wait_for_stream(nats.url, config.source(name).stream_name, expected[-1])
+    assert_same_log(await stream_records(nats.url, config.source(name).stream_name), expected)
+    assert max(len(r.message) for r in expected) > 2000000  # more than max_payload (1 MiB)
+    parts = [
+        b.last
+        async for b in _all_batches(nats.url, config.source(name).stream_name)
+        if b.last.seq == 1 and b.records[0].message.endswith(b"x" * 100)
+    ]
+    assert len(parts) == 1  # the record put together once, from its fragments
+
+
+async def _all_batches(url: str, stream: str) -> AsyncIterator[StoredBatch]:
+    nc = await natslib.connect(url)
+    try:
+        async for batch in read_batches(nc.jetstream(), stream):
+            yield batch
+    finally:
+        await nc.close()

@@ -58,7 +58,8 @@ class Channels:
         channel = self._channels.get(address)
         if channel is None:
             channel = self._channels[address] = grpc.aio.insecure_channel(
-                address, options=[("grpc.max_receive_message_length", -1)]  # rows of any size
+                address,
+                options=[("grpc.max_receive_message_length", -1)],  # rows of any size
             )
         return channel
 
