@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import random
 import re
 import signal
 import sys
@@ -37,6 +38,7 @@ from psycopg.types.enum import EnumInfo, register_enum
 from slot_helpers import Captured, collect, fields, user_changes
 from test_replica_apply import _wait_for, assert_converged, replicating
 
+from pgcapture.capture.changes import Record
 from pgcapture.capture.reader import SlotReader, TextFallback
 from pgcapture.client import Change, Consumer, Op, RawValue, Row, ValueFormat
 from pgcapture.local import LocalNats
@@ -379,3 +381,96 @@ async def test_a_capture_killed_during_the_fallback_resumes_exactly_once(
     assert formats["big"] == [{"text"}] * 30_000
     skipped = [line for line in lines if "already in the stream" in line]
     assert skipped, "the second run did not resume inside the transaction"
+
+
+async def _confirming_reference(dsn: str, slot: str) -> list[Record]:
+    """``log_helpers.reference``, confirming each transaction as it goes: a fallback restarts
+    decoding at the slot's position, which must move for long workloads."""
+    reader = SlotReader(dsn, slot + "_ref", publication=slot, status_interval=0.2)
+    await reader.open()
+    out: list[Record] = []
+    done = False
+    try:
+        async with asyncio.timeout(90):
+            while True:
+                for record in await reader.read():
+                    out.append(Record(record.lsn, record.seq, record.message))
+                    if record.is_commit:
+                        reader.confirm(record.end_lsn)
+                        if done:
+                            return out
+                    elif record.seq and not done:
+                        done = pb.Message.FromString(record.message).change.table == "done"
+    finally:
+        await reader.close()
+
+
+async def test_concurrent_fallbacks_under_sigkill_store_each_record_once(
+    dsn: str, nats: LocalNats
+) -> None:
+    """Concurrent clients, a fifth of whose transactions write aclitem[] after a binary row of
+    their own, capture SIGKILLed at random moments: the stream equals an uninterrupted reading
+    of the slot, record for record."""
+    seed = random.randrange(1 << 30)
+    rng = random.Random(seed)
+    name = f"acl{seed}"
+    config = make_config(dsn, nats.url, name)
+    source = config.source(name)
+    await prepare_slots(dsn, source)
+    await run(
+        dsn,
+        "CREATE TABLE acls (id int PRIMARY KEY, acl aclitem[], n int)",
+        "CREATE TABLE nums (id int PRIMARY KEY, n int)",
+        "CREATE TABLE done (id int)",
+    )
+    deadline = asyncio.get_running_loop().time() + 6
+
+    async def client(c: int) -> None:
+        local = random.Random(seed * 7 + c)
+        async with await psycopg.AsyncConnection.connect(dsn) as conn:
+            i = 0
+            while asyncio.get_running_loop().time() < deadline:
+                i += 1
+                key = c * 1_000_000 + i
+                async with conn.transaction():
+                    await conn.execute("INSERT INTO nums VALUES (%s, %s)", (key, i))
+                    if local.random() < 0.2:
+                        await conn.execute(
+                            "INSERT INTO acls VALUES (%s, '{=r/postgres,postgres=w/postgres}', %s)",
+                            (key, i),
+                        )
+                        await conn.execute("UPDATE nums SET n = n + 1 WHERE id = %s", (key,))
+                await asyncio.sleep(local.uniform(0, 0.01))
+
+    load = asyncio.gather(*(client(c) for c in range(3)))
+    lines: list[str] = []
+    kills = 0
+    try:
+        while not load.done() or kills < 4:
+            proc = await _start_capture(dsn, nats.url, name)
+            await _log_until(proc, lines, re.compile("capturing source"))
+            await asyncio.sleep(rng.uniform(0.2, 1.5))
+            proc.send_signal(signal.SIGKILL)
+            await proc.wait()
+            kills += 1
+        await load
+        await run(dsn, "INSERT INTO done VALUES (1)")
+        proc = await _start_capture(dsn, nats.url, name)
+        await _log_until(proc, lines, re.compile("capturing source"))
+        started = asyncio.get_running_loop().time()
+        expected = await _confirming_reference(dsn, source.slot_name)
+        await wait_for_stream(nats.url, source.stream_name, expected[-1])
+        caught_up = asyncio.get_running_loop().time() - started
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(proc.wait(), 30)
+    stored = await stream_records(nats.url, source.stream_name)
+    assert_same_log(stored, expected)
+    assert caught_up < 60, f"seed {seed}: {caught_up:.1f}s to catch up"
+    texts = [
+        r for r in expected
+        if r.seq and not r.is_commit
+        and any(f.WhichOneof("value") == "text"
+                for f in pb.Message.FromString(r.message).change.new)
+    ]  # fmt: skip
+    assert len(texts) > 50, f"seed {seed}"
