@@ -3,7 +3,8 @@
 A source session runs, as one client would, statements the replica cannot run as written:
 CREATE TABLE AS EXECUTE of a prepared statement, CREATE TABLE AS and SELECT INTO reading a
 temporary table or a volatile function, EXECUTE of a prepared SELECT INTO, WITH NO DATA,
-CREATE TABLE (LIKE a temporary table INCLUDING ALL); and
+CREATE TABLE (LIKE a temporary table INCLUDING ALL), ALTER TABLE ADD COLUMN with a default
+read from the session (now(), a setting); and
 statements whose text holds semicolons (a rule with several actions, BEGIN ATOMIC bodies), some
 sent as one multi-statement query string. Each new table then takes inserts and updates, one is
 dropped. Capture and replicate follow from an empty replica; the replica must equal the source
@@ -83,6 +84,17 @@ SESSION = (
     "UPDATE liked SET extra = 4 WHERE v = 'b'",
     "CREATE TABLE liked_plain (LIKE tmpl)",
     "INSERT INTO liked_plain VALUES (1, 'q', 2, NULL)",
+    # defaults computed once by ALTER TABLE for the existing rows, from the session
+    "SET app.x = 'from the source session'",
+    "ALTER TABLE base ADD COLUMN at timestamptz DEFAULT now(), ADD COLUMN k int DEFAULT 7, "
+    "ADD COLUMN s text DEFAULT current_setting('app.x', true)",
+    "CREATE TABLE parts (id int, p text, PRIMARY KEY (id, p)) PARTITION BY LIST (p)",
+    "CREATE TABLE parts_a PARTITION OF parts FOR VALUES IN ('a')",
+    "INSERT INTO parts VALUES (1, 'a'), (2, 'a')",
+    "BEGIN",
+    "ALTER TABLE parts ADD COLUMN s text DEFAULT current_setting('app.x', true)",
+    "INSERT INTO parts VALUES (3, 'a', 'explicit')",
+    "COMMIT",
     "CREATE TABLE done (token text PRIMARY KEY)",
     "INSERT INTO done VALUES ('session')",
 )
@@ -139,5 +151,5 @@ async def test_session_bound_and_multi_part_ddl_converge_without_skipping(
             "SELECT count(*) FILTER (WHERE NOT (activity ->> 'exact')::boolean), "
             "count(*) FILTER (WHERE (activity ->> 'effect')::boolean) FROM pgcapture.ddl_logs"
         )
-        assert await cur.fetchone() == (0, 9)  # seven CREATE TABLE AS / SELECT INTO, two LIKE
+        assert await cur.fetchone() == (0, 11)  # 7 CREATE TABLE AS / SELECT INTO, 2 LIKE, 2 ALTER
     assert schema_dump(pg, replica_dsn) == schema_dump(pg, dsn)

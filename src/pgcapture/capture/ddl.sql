@@ -1431,6 +1431,136 @@ END
 $fn$;
 
 -- ---------------------------------------------------------------------------------------------
+-- ALTER TABLE ... ADD COLUMN ... DEFAULT <not immutable>. Such a default is computed once, by
+-- the ALTER, and stored for the existing rows without rewriting the table (`attmissingval`):
+-- now(), current_user, current_setting(...) give a replica other values, and no row change
+-- carries the source's. The row is logged with a statement setting the source's value after it.
+
+-- Whether a default expression (pg_attrdef.adbin) calls anything that is not immutable: a
+-- function or operator marked stable or volatile, or an SQL value function (CURRENT_USER,
+-- CURRENT_TIMESTAMP, ...).
+CREATE OR REPLACE FUNCTION pgcapture.default_is_stable(adbin pg_node_tree)
+RETURNS boolean
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    SELECT strpos(adbin::text, '{SQLVALUEFUNCTION') > 0 OR EXISTS (
+        SELECT FROM regexp_matches(adbin::text, ':(?:func|opfunc)id ([0-9]+)', 'g') AS m
+        JOIN pg_proc AS p ON p.oid = m[1]::oid
+        WHERE p.provolatile <> 'i')
+$fn$;
+
+-- The table an ALTER TABLE statement names, with the user's search path, or NULL.
+CREATE OR REPLACE FUNCTION pgcapture.alter_table_target(stmt text, user_path text)
+RETURNS oid
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    tk record := pgcapture.tokens(stmt);
+    i int := 3;
+    j int;
+    rel oid;
+BEGIN
+    IF tk.w[1:2] IS DISTINCT FROM '{alter,table}' THEN
+        RETURN NULL;
+    END IF;
+    IF tk.w[i : i + 1] = '{if,exists}' THEN
+        i := i + 2;
+    END IF;
+    IF tk.w[i] = 'only' THEN
+        i := i + 1;
+    END IF;
+    j := i;
+    WHILE tk.w[j + 1] = '.' LOOP
+        j := j + 2;
+    END LOOP;
+    PERFORM set_config('search_path', user_path, true);
+    rel := to_regclass(substr(stmt, tk.f[i], tk.l[j] - tk.f[i] + 1));
+    PERFORM set_config('search_path', 'pg_catalog, pg_temp', true);
+    RETURN rel;
+EXCEPTION WHEN OTHERS THEN
+    RETURN NULL;
+END
+$fn$;
+
+-- At ddl_command_start of an ALTER TABLE that may add a column with a default: its table and
+-- the highest column number it has before.
+CREATE OR REPLACE FUNCTION pgcapture.start_alter_table(e jsonb, user_path text)
+RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    rel oid;
+BEGIN
+    IF NOT coalesce((e ->> 'exact')::boolean, false)
+       OR strpos(lower(e ->> 'query'), 'default') = 0 THEN
+        RETURN e;
+    END IF;
+    rel := pgcapture.alter_table_target(e ->> 'query', user_path);
+    IF rel IS NULL THEN
+        RETURN e;
+    END IF;
+    RETURN e || jsonb_build_object('table', rel, 'columns', (
+        SELECT coalesce(max(attnum), 0) FROM pg_attribute WHERE attrelid = rel AND attnum > 0));
+END
+$fn$;
+
+-- At ddl_command_end: the entry with `query` running the statement, then setting the columns
+-- it added with a default that is not immutable to the value the source stored for the existing
+-- rows (as a literal of the column's type, read under the session's settings, which a replica
+-- runs the row with).
+CREATE OR REPLACE FUNCTION pgcapture.alter_table_effect(e jsonb)
+RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    rel oid := (e ->> 'table')::oid;
+    added name[];
+    r record;
+    c record;
+    lit text;
+    sets text[];
+    stmts text[] := ARRAY[e ->> 'query'];
+BEGIN
+    SELECT array_agg(a.attname) INTO added FROM pg_attribute AS a
+    WHERE a.attrelid = rel AND a.attnum > (e ->> 'columns')::int AND NOT a.attisdropped;
+    -- the table and its partitions or children: each stored its own missing values
+    FOR r IN WITH RECURSIVE tree (relid) AS (
+                 SELECT rel
+                 UNION SELECT i.inhrelid FROM pg_inherits AS i JOIN tree ON i.inhparent = tree.relid)
+             SELECT relid FROM tree LOOP
+        sets := '{}';
+        FOR c IN SELECT a.attname, a.attmissingval::text AS missing,
+                        format_type(a.atttypid, a.atttypmod) AS typ
+                 FROM pg_attribute AS a
+                 JOIN pg_attrdef AS d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+                 WHERE a.attrelid = r.relid AND a.attname = ANY (added)
+                   AND (r.relid = rel OR NOT a.attislocal)  -- not a child's own column
+                   AND NOT a.attisdropped AND a.atthasmissing AND a.attgenerated = ''
+                   AND pgcapture.default_is_stable(d.adbin)
+                 ORDER BY a.attnum LOOP
+            EXECUTE format('SELECT (%L::%s[])[1]::text', c.missing, c.typ) INTO lit;
+            sets := sets || format('%I = %L::%s', c.attname, lit, c.typ);
+        END LOOP;
+        IF cardinality(sets) > 0 THEN
+            stmts := stmts || format('UPDATE ONLY %s SET %s', r.relid::regclass,
+                                     array_to_string(sets, ', '));
+        END IF;
+    END LOOP;
+    IF cardinality(stmts) = 1 THEN
+        RETURN e;
+    END IF;
+    RETURN e || jsonb_build_object('statement', e ->> 'query', 'effect', true,
+                                   'query', pgcapture.one_statement(stmts));
+EXCEPTION WHEN OTHERS THEN
+    RETURN e;
+END
+$fn$;
+
+-- ---------------------------------------------------------------------------------------------
 -- Handlers, called by the event trigger functions with the safe search_path set.
 
 -- Whether an enclosing open statement is running an extension's script.
@@ -1494,6 +1624,8 @@ BEGIN
         SELECT r.st, r.e INTO st, e FROM pgcapture.resolve(st, ctx, tag) AS r;
         IF tag IN ('CREATE TABLE AS', 'SELECT INTO') THEN
             e := pgcapture.start_table_as(e, user_path);
+        ELSIF tag = 'ALTER TABLE' THEN
+            e := pgcapture.start_alter_table(e, user_path);
         END IF;
     END IF;
     PERFORM pgcapture.state_save(jsonb_set(st, '{open}', (st -> 'open') || jsonb_build_array(e)));
@@ -1547,6 +1679,8 @@ BEGIN
     e := pgcapture.end_decision(e, tag, objs, user_path);
     IF tag = 'CREATE TABLE' AND strpos(lower(e ->> 'query'), 'like') > 0 THEN
         e := pgcapture.create_table_effect(e, user_path);
+    ELSIF tag = 'ALTER TABLE' AND e ? 'table' THEN
+        e := pgcapture.alter_table_effect(e);
     END IF;
     IF e IS NOT NULL THEN
         PERFORM pgcapture.write_log(e, 'end', CASE WHEN tag LIKE 'DROP %'
