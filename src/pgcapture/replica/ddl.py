@@ -71,11 +71,15 @@ class Ddl:
 
 
 def ddl_row(change: pb.Change) -> tuple[int, str | None, dict[str, Any]]:
-    """``(id, query, activity)`` of a ``pgcapture.ddl_logs`` insert (binary values)."""
+    """``(id, query, activity)`` of a ``pgcapture.ddl_logs`` insert (binary or text values)."""
     values = {f.name: f for f in change.new}
     try:
-        ident = _I32.unpack(values["id"].binary)[0]
-    except (KeyError, struct.error):
+        field = values["id"]
+        # text when capture read the transaction with binary off (docs/operations.md)
+        ident = (
+            int(field.text) if field.WhichOneof("value") == "text" else _I32.unpack(field.binary)[0]
+        )
+    except (KeyError, ValueError, struct.error):
         raise ReplicaError(
             "a pgcapture.ddl_logs row without a readable id reached the replica; the source's "
             "DDL capture is not pgcapture's (reinstall it with pgcapture capture)"
@@ -83,10 +87,10 @@ def ddl_row(change: pb.Change) -> tuple[int, str | None, dict[str, Any]]:
     query_field = values.get("query")
     query = _text(query_field) if query_field is not None else None
     activity: dict[str, Any] = {}
-    field = values.get("activity")
-    raw = _text(field) if field is not None else None
+    found = values.get("activity")
+    raw = _text(found) if found is not None else None
     if raw:
-        if field is not None and field.WhichOneof("value") == "binary":
+        if found is not None and found.WhichOneof("value") == "binary":
             raw = raw[1:]  # jsonb's binary format: a version byte, then the text
         try:
             activity = json.loads(raw)

@@ -49,3 +49,19 @@ def test_rows_the_string_cannot_judge_are_replayed_as_logged() -> None:
         ddl_row(ambiguous, top_level_query=top),  # two statements start with it
     ):
         assert decide(row).sql == row.new[1].binary.decode()
+
+
+def test_a_row_read_in_text_is_decided_like_a_binary_one() -> None:
+    # capture reads a transaction with binary off when one of its values has no binary form
+    act = {"exact": True, "objects": [], "search_path": "app"}
+    change = pb.Change(
+        schema="pgcapture",
+        table="ddl_logs",
+        new=[
+            pb.Field(name="id", oid=23, text="78"),
+            pb.Field(name="query", oid=25, text="ALTER TABLE t ADD c int"),
+            pb.Field(name="activity", oid=3802, text=json.dumps(act)),
+        ],
+    )
+    ddl = decide(change)
+    assert (ddl.id, ddl.sql, ddl.search_path) == (78, "ALTER TABLE t ADD c int", "app")
