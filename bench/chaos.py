@@ -333,7 +333,7 @@ def write_config(path: Path, servers: Servers, ports: dict[str, str]) -> None:
         f"dumper = {q(ports['dumper'])}\n"
         f'[gateway.uris.some]\nsource = "{SOURCE}"\nstart = "beginning"\nack_wait = "15s"\n'
         f"dumper = {q(ports['dumper'])}\n"
-        f"[controller]\nlisten = {q(ports['controller'])}\nchunk_rows = 500\n"
+        f"[controller]\nlisten = {q(ports['controller'])}\nchunk_rows = 500\nreplicas = 3\n"
         f'[dumper]\nlisten = {q(ports["dumper"])}\nsource = "{SOURCE}"\n'
     )
 

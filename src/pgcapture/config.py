@@ -276,6 +276,7 @@ class ControllerConfig(_Section):
 
     listen: str = "127.0.0.1:10002"
     bucket: str = Field(default="pgcapture_dumps", pattern=r"^[A-Za-z0-9_-]+$")
+    replicas: Literal[1, 3, 5] = 1  # of the bucket when the controller creates it
     chunk_pages: int = Field(default=0, ge=0)  # 0: from the table's statistics (chunk_rows)
     chunk_rows: int = Field(default=20_000, ge=1)
     cool_down: Duration = 0.0

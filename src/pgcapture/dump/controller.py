@@ -417,7 +417,7 @@ async def _open(
     settings: ControllerConfig,
     metrics: ControllerMetrics,
 ) -> Scheduler:
-    store = DumpStore(nc.jetstream(), settings.bucket)
+    store = DumpStore(nc.jetstream(), settings.bucket, settings.replicas)
     await store.open()
     stack.push_async_callback(store.close)
     scheduler = Scheduler(store, instance, settings, metrics)

@@ -199,9 +199,10 @@ def chunk_key(uri: str, dump_id: str, n: int) -> str:
 class DumpStore:
     """The bucket's records in memory, kept current, with compare-and-set writes."""
 
-    def __init__(self, js: JetStreamContext, bucket: str) -> None:
+    def __init__(self, js: JetStreamContext, bucket: str, replicas: int = 1) -> None:
         self._js = js
         self.bucket = bucket
+        self.replicas = replicas
         self._kv: KeyValue | None = None
         self.dumps: dict[str, Dump] = {}
         self._orphans: dict[str, dict[int, Chunk]] = {}  # chunks read before their dump
@@ -218,7 +219,7 @@ class DumpStore:
             self._kv = await self._js.key_value(self.bucket)
         except nats.js.errors.BucketNotFoundError:
             self._kv = await self._js.create_key_value(
-                bucket=self.bucket, history=1, storage=StorageType.FILE
+                bucket=self.bucket, history=1, storage=StorageType.FILE, replicas=self.replicas
             )
         await self._watch()
         self._guard = asyncio.create_task(self._keep_watching())
