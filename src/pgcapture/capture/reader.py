@@ -82,10 +82,10 @@ OBJECT_NAME_TYPES: Final = {
     2205: "regclass", 2206: "regtype", 3734: "regconfig", 3769: "regdictionary",
     4089: "regnamespace", 4096: "regrole", 4191: "regcollation",
 }  # fmt: skip
-# For each type of ``oids`` (and every built-in type when ``builtins``): the first type naming database objects
-# it is or holds (array elements, domain base types, range subtypes, composite attributes, at any
-# depth), whether something it holds is gone (a dropped type or composite attribute: OID 0 or
-# none), and whether it holds a user composite type, which can change.
+# For each type of ``oids`` (and every built-in type when ``builtins``): the first type naming
+# database objects it is or holds (array elements, domain base types, range subtypes, composite
+# attributes, at any depth), whether something it holds is gone (a dropped type or composite
+# attribute: OID 0 or none), and whether it holds a user composite type, which can change.
 _TYPE_QUERY: Final = """
 WITH RECURSIVE walk(root, typ) AS (
     SELECT t.oid, t.oid FROM pg_catalog.pg_type AS t WHERE %(builtins)s AND t.oid < 16384
@@ -108,7 +108,8 @@ WITH RECURSIVE walk(root, typ) AS (
     ) AS s(typ)
 )
 SELECT w.root,
-       pg_catalog.min(w.typ::pg_catalog.int8) FILTER (WHERE w.typ = ANY(%(names)s::pg_catalog.oid[])),
+       pg_catalog.min(w.typ::pg_catalog.int8)
+           FILTER (WHERE w.typ = ANY(%(names)s::pg_catalog.oid[])),
        pg_catalog.bool_or(t.oid IS NULL),
        pg_catalog.bool_or(t.typtype = 'c' AND t.oid >= 16384)
 FROM walk AS w LEFT JOIN pg_catalog.pg_type AS t ON t.oid = w.typ
