@@ -246,6 +246,23 @@ async def test_a_type_without_binary_send_goes_as_text_with_its_own_oid(replica:
     assert [f.WhichOneof("value") for f in changes[1].new[1:]] == [None, None, None]
 
 
+async def test_types_holding_one_without_binary_send_go_as_text(replica: str) -> None:
+    sql_run(
+        replica,
+        "CREATE DOMAIN acls AS aclitem[]",
+        "CREATE TYPE grant_pair AS (who text, what aclitem)",
+        "CREATE TABLE t (id bigint PRIMARY KEY, d acls, p grant_pair, ps grant_pair[], n int)",
+        "INSERT INTO t VALUES (1, '{=r/postgres}', ROW('x', '=w/postgres'), "
+        "ARRAY[ROW('y', NULL)::grant_pair], 5)",
+    )
+    _, changes, _ = await dump(replica, request("t"))
+    d, p, ps, n = changes[0].new[1:]
+    assert (d.WhichOneof("value"), d.text) == ("text", "{=r/postgres}")
+    assert (p.WhichOneof("value"), p.text) == ("text", "(x,=w/postgres)")
+    assert (ps.WhichOneof("value"), ps.text) == ("text", '{"(y,)"}')
+    assert n.WhichOneof("value") == "binary"
+
+
 # --- page ranges and keys ---------------------------------------------------------------------
 
 PAGED = (

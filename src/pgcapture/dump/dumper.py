@@ -11,8 +11,9 @@
    out (pgoutput sends neither), ``key`` on the replica-identity columns exactly as pgoutput
    flags them (and so capture): primary key under REPLICA IDENTITY DEFAULT, the index's key
    columns under USING INDEX, every column under FULL, none under NOTHING. A type without a
-   binary send function is selected as text and sent as ``Field.text`` with the column's own
-   OID, as pgoutput does.
+   binary send function, or one holding such a type at any depth (``aclitem[]``, a domain over
+   it, a composite with an ``aclitem`` attribute, an array of that: binary COPY fails on them),
+   is selected as text and sent as ``Field.text`` with the column's own OID, as capture does.
 3. ``COPY (SELECT ... WHERE ctid >= '(begin,0)' AND ctid <= '(end,65535)') TO STDOUT (FORMAT
    binary)``: a Tid Range Scan on PostgreSQL 14+; a chunk ending at ``LAST_PAGE`` has no upper
    bound (it reads whatever the table holds past ``begin``). A chunk with ``keys`` instead
@@ -98,9 +99,7 @@ class TableInfo:
 
 _POSITION_SQL: Final = "SELECT lsn::text FROM pgcapture.sources WHERE id = %s"
 _COLUMNS_SQL: Final = """
-SELECT c.relreplident, a.attname, a.atttypid::int, t.typlen > 0,
-       coalesce(t.typsend::oid = 0
-                OR (t.typsend = 'array_send'::regproc AND e.typsend::oid = 0), false),
+SELECT c.relreplident, a.attname, a.atttypid::int, t.typlen > 0, coalesce(x.text, false),
        CASE c.relreplident
            WHEN 'f' THEN true
            WHEN 'n' THEN false
@@ -116,7 +115,25 @@ JOIN pg_namespace n ON n.oid = c.relnamespace
 LEFT JOIN pg_attribute a
        ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = ''
 LEFT JOIN pg_type t ON t.oid = a.atttypid
-LEFT JOIN pg_type e ON e.oid = t.typelem
+LEFT JOIN LATERAL (  -- whether the type, or one it holds at any depth, has no binary send
+    WITH RECURSIVE held(typ) AS (
+        SELECT a.atttypid
+      UNION
+        SELECT s.typ FROM held AS h JOIN pg_type AS u ON u.oid = h.typ
+        CROSS JOIN LATERAL (
+            SELECT u.typelem WHERE u.typelem <> 0
+          UNION ALL
+            SELECT u.typbasetype WHERE u.typbasetype <> 0
+          UNION ALL
+            SELECT r.rngsubtype FROM pg_range AS r WHERE r.rngtypid = u.oid
+          UNION ALL
+            SELECT f.atttypid FROM pg_attribute AS f
+            WHERE u.typrelid <> 0 AND f.attrelid = u.typrelid AND f.attnum > 0
+              AND NOT f.attisdropped
+        ) AS s(typ)
+    )
+    SELECT bool_or(u.typsend::oid = 0) AS text FROM held AS h JOIN pg_type AS u ON u.oid = h.typ
+) AS x ON true
 WHERE n.nspname = %s AND c.relname = %s AND c.relkind IN ('r', 'p')
 ORDER BY a.attnum
 """
