@@ -53,6 +53,7 @@ pytestmark = pytest.mark.integration
 
 ACL_SETUP = (
     "CREATE DOMAIN acl AS aclitem",
+    "CREATE DOMAIN acl2 AS acl",
     "CREATE TYPE grant_pair AS (who text, what aclitem)",
 )
 
@@ -143,7 +144,7 @@ SCHEMA = (
     "CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy')",
     "CREATE TABLE plain (id int PRIMARY KEY, v text)",
     "CREATE TABLE grants (id int PRIMARY KEY, one acl, many aclitem[], pair grant_pair, "
-    "moods mood[], n int)",
+    "moods mood[], n int, two acl2)",
     "CREATE TABLE loose (many aclitem[], note text, m mood)",
     "ALTER TABLE loose REPLICA IDENTITY FULL",
 )
@@ -156,11 +157,11 @@ WORKLOAD: tuple[tuple[str, bool], ...] = (
     ("UPDATE cls SET relacl = '{=r/postgres}' WHERE relname = 'pg_type'", True),
     ("DELETE FROM cls WHERE relname = 'pg_proc'", False),  # the old key is the oid alone
     ("INSERT INTO grants VALUES (1, 'postgres=r/postgres', '{postgres=arw/postgres,=r/postgres}',"
-     " ROW('x', 'postgres=w/postgres'), '{happy,happy,sad}', 1)", True),
+     " ROW('x', 'postgres=w/postgres'), '{happy,happy,sad}', 1, '=r/postgres')", True),
     # binary rows of the same table: a NULL needs no send function, a domain over aclitem
     # itself is sent as text even in binary mode
-    ("INSERT INTO grants VALUES (2, NULL, NULL, NULL, '{ok,sad,happy}', 2),"
-     " (3, '=r/postgres', NULL, NULL, NULL, 3)", False),
+    ("INSERT INTO grants VALUES (2, NULL, NULL, NULL, '{ok,sad,happy}', 2, NULL),"
+     " (3, '=r/postgres', NULL, NULL, NULL, 3, '=w/postgres')", False),
     ("UPDATE grants SET many = '{=w/postgres}', n = n + 10 WHERE id = 1", True),
     ("UPDATE grants SET n = n + 1", True),  # rows 2 and 3 in text too, this time
     ("UPDATE grants SET n = 0, moods = '{sad,sad,happy}' WHERE id = 2", False),

@@ -79,13 +79,21 @@ SELECT json_build_object(
                   a.attname, a.atttypid::int8, t.typarray::int8,
                   coalesce(b.typcategory, t.typcategory) = 'A',
                   a.attgenerated <> '', a.attidentity = 'a',
-                  coalesce(b.typreceive, t.typreceive) = 0
-                  OR (coalesce(b.typreceive, t.typreceive) = 'array_recv'::regproc
-                      AND coalesce(e.typreceive = 0, false)))
+                  -- no binary receive function in the type, its domains' base types or its
+                  -- array elements (a domain looks its base type's function up even for NULL)
+                  (WITH RECURSIVE held(typ) AS (
+                       SELECT a.atttypid
+                     UNION
+                       SELECT s.typ FROM held AS h JOIN pg_type AS u ON u.oid = h.typ
+                       CROSS JOIN LATERAL (
+                           SELECT u.typelem WHERE u.typelem <> 0
+                         UNION ALL
+                           SELECT u.typbasetype WHERE u.typbasetype <> 0) AS s(typ))
+                   SELECT coalesce(bool_or(u.typreceive::oid = 0), false)
+                   FROM held AS h JOIN pg_type AS u ON u.oid = h.typ))
                   ORDER BY a.attnum)
               FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
               LEFT JOIN pg_type b ON b.oid = t.typbasetype AND t.typtype = 'd'
-              LEFT JOIN pg_type e ON e.oid = coalesce(b.typelem, t.typelem)
               WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped))
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')
