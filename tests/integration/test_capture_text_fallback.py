@@ -41,6 +41,7 @@ from test_replica_apply import _wait_for, assert_converged, replicating
 from pgcapture.capture.changes import Record
 from pgcapture.capture.reader import SlotReader, TextFallback
 from pgcapture.client import Change, Consumer, Op, RawValue, Row, ValueFormat
+from pgcapture.errors import NoBinaryOutput
 from pgcapture.local import LocalNats
 from pgcapture.local.postgres import free_port
 from pgcapture.log.stream import read_tail
@@ -97,14 +98,14 @@ async def test_a_transaction_without_binary_output_arrives_as_text_then_binary_a
             "UPDATE grants SET many = '{=w/postgres}' WHERE id = 1",
             "INSERT INTO plain VALUES (3, 'later')",
         )
-        # setup (2 DDL), plain, the CTAS transaction, grants (DDL, insert, update), plain
-        captured = await collect(reader, 8)
+        # setup (DDL), plain, the CTAS transaction, grants (DDL, insert, update), plain
+        captured = await collect(reader, len(ACL_SETUP) + 6)
     finally:
         await reader.close()
 
-    txs = _transactions(captured)
-    assert len(txs) == 8
-    ctas = txs[3]
+    txs = _transactions(captured)[len(ACL_SETUP) + 1 :]
+    assert len(txs) == 5
+    ctas = txs[0]
     rows = [c.message.change for c in ctas if c.kind == "change"]
     cls = [r for r in rows if r.table == "cls"]
     assert cls, "the CTAS rows are in the stream"
@@ -119,7 +120,7 @@ async def test_a_transaction_without_binary_output_arrives_as_text_then_binary_a
     seqs = [c.record.seq for c in ctas]
     assert seqs == list(range(len(ctas)))  # nothing doubled or skipped across the switch
 
-    insert, update = (c.message.change for c in txs[5] + txs[6] if c.kind == "change")
+    insert, update = (c.message.change for c in txs[2] + txs[3] if c.kind == "change")
     assert insert.table == update.table == "grants"
     got = fields(insert.new)
     assert got["many"].text == "{postgres=arw/postgres,=r/postgres}"
@@ -128,14 +129,26 @@ async def test_a_transaction_without_binary_output_arrives_as_text_then_binary_a
     assert fields(update.new)["many"].text == "{=w/postgres}"
 
     # back to binary for the next transaction
-    (later,) = user_changes(txs[7])
+    (later,) = user_changes(txs[4])
     assert _formats(later) == {"binary"}
     assert [f.lsn for f in fallbacks] == [
+        txs[0][0].record.lsn,
+        txs[2][0].record.lsn,
         txs[3][0].record.lsn,
-        txs[5][0].record.lsn,
-        txs[6][0].record.lsn,
     ]
     assert all(f.type_name == "aclitem" for f in fallbacks)
+
+
+async def test_a_temporary_slot_names_the_type_and_the_fix(dsn: str, slot_name: str) -> None:
+    reader = SlotReader(dsn, slot_name, temporary=True, status_interval=0.5)
+    await reader.open()
+    try:
+        await run(dsn, "CREATE TABLE cls AS SELECT relacl FROM pg_class WHERE relacl IS NOT NULL")
+        with pytest.raises(NoBinaryOutput, match=r"type aclitem.*use a permanent slot") as err:
+            await collect(reader, 2, timeout=20)
+        assert err.value.type_name == "aclitem"
+    finally:
+        await reader.close()
 
 
 # The source's schema; the replica gets the same (other OIDs for the user types, see below).

@@ -226,7 +226,13 @@ class SlotReader:
             try:
                 payloads = await self.stream.read()
             except NoBinaryOutput as exc:
-                if self._text is not None or self.temporary:
+                if self.temporary:
+                    raise NoBinaryOutput(
+                        f"{exc}; a temporary slot is gone with its connection, so it cannot "
+                        "be read again in text: use a permanent slot (tail without --temporary)",
+                        exc.type_name,
+                    ) from exc
+                if self._text is not None:
                     raise
                 await self._fall_back(exc)
                 continue
