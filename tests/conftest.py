@@ -8,8 +8,14 @@ from collections.abc import Iterator
 
 import psycopg
 import pytest
+from hypothesis import settings
 
 from pgcapture.local import LocalNats, LocalPostgres
+
+# Property tests check results, not speed: on a loaded 2-core machine one example can take
+# longer than hypothesis's default 200 ms deadline, which would fail a correct test.
+settings.register_profile("pgcapture", deadline=None)
+settings.load_profile("pgcapture")
 
 _names = itertools.count(1)
 
