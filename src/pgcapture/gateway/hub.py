@@ -528,7 +528,8 @@ class Hub:
             left = deadline - time.monotonic()
             if left <= 0 or self.state == "failed":
                 return False
-            await self._caught_up()
+            if self.state == "running":  # holding the URI's consumer (and lease, if ordered)
+                await self._caught_up()
             if self.taken_lsn >= lsn:
                 break
             self._taken.clear()
@@ -538,13 +539,20 @@ class Hub:
 
     async def _caught_up(self) -> None:
         """When JetStream has nothing left to deliver to this URI, everything up to the
-        stream's last record is passed (the tail is read first: nothing can slip between)."""
+        stream's last record is passed (the tail is read first: nothing can slip between).
+        On an ordered URI, also nothing delivered may be unacknowledged outside this hub: the
+        messages a killed predecessor was delivered count as acknowledgement-pending, not
+        pending, until their ack_wait runs out and they come again, so older changes are still
+        to come and dump rows must wait for them. (On an unordered URI other gateways serve
+        the same URI, and changes of one key may reach its clients in any order anyway.)"""
         stream = self.route.stream
         with contextlib.suppress(Exception):
             tail = await read_tail(self.js, stream)
+            held = len(self.held)
             info = await self.js.consumer_info(stream, self.settings.consumer_name)
             if (
                 not info.num_pending
+                and (not self.ordered or (info.num_ack_pending or 0) <= held)
                 and tail.checkpoint is not None
                 and tail.checkpoint.lsn > self.taken_lsn
             ):
