@@ -154,6 +154,43 @@ async def test_a_lagging_replica_holds_chunks_back_until_it_catches_up(
     assert state.dump_rows["items"] >= KEYS
 
 
+@pytest.mark.parametrize("ordered", [False, True])
+async def test_a_restarted_gateway_holds_chunks_back_while_the_replica_is_behind_what_was_sent(
+    source_dsn: str, replica_dsn: str, nats: LocalNats, dbname: str, ordered: bool
+) -> None:
+    """The consumer was sent (and acknowledged) changes past the replica's position by one
+    gateway; a new gateway must not hand it rows read on that replica."""
+    config = dump_config(
+        source_dsn, replica_dsn, nats.url, f"src_{dbname}", app={"ordered": ordered}
+    )
+    await start_from_scratch(config)
+    async with running(config, "replicate", "dumper", "controller", "gateway") as services:
+        await run_sql(source_dsn, *ITEMS)
+        await replica_has(replica_dsn, "items", KEYS)
+        state = Materialized()
+        consumer = Consumer(services.gateway, "app", state).start()
+        try:
+            await asyncio.sleep(1.0)
+            await services.stop("replicate")  # the replica stays behind from now on
+            await run_sql(source_dsn, "UPDATE items SET version = version + 1 WHERE id <= 100")
+            await wait_until(lambda: state.stream_changes >= 100, 30)
+            await asyncio.sleep(1.0)  # acknowledged
+            await consumer.stop()
+            await services.stop("gateway")
+            await services.start("gateway")
+            consumer = Consumer(services.gateway, "app", state).start()
+            dump = await schedule(config, "app", "public.items", chunk_pages=8)
+            await asyncio.sleep(5)
+            assert not state.dump_rows, "a chunk read on a replica behind the consumer was sent"
+            await services.start("replicate")
+            await wait_for_dump(config, "app", dump, seconds=120)
+            await wait_equal(source_dsn, "items", state)
+        finally:
+            await consumer.stop()
+    assert not state.backwards, state.backwards[:10]
+    assert state.dump_rows["items"] >= KEYS
+
+
 @pytest.mark.timeout(180)
 async def test_two_uris_dumping_at_once_do_not_see_each_others_rows(
     source_dsn: str, replica_dsn: str, nats: LocalNats, dbname: str

@@ -144,7 +144,7 @@ class DumpFeed:
                 STREAM_DUMP,
                 request_serializer=pb.AgentDumpRequest.SerializeToString,
                 response_deserializer=pb.DumpRows.FromString,
-            )(pb.AgentDumpRequest(min_lsn=hub.taken_lsn, info=chunk))
+            )(pb.AgentDumpRequest(min_lsn=max(hub.taken_lsn, hub.delivered_lsn), info=chunk))
             try:
                 first = await call.read()
                 if first is grpc.aio.EOF:
@@ -152,6 +152,8 @@ class DumpFeed:
                 assert isinstance(first, pb.DumpRows)
                 if not await hub.reach(first.lsn, self._wait):
                     return self._not_reached(first.lsn), 0
+                if first.lsn < hub.delivered_lsn:  # known only once the hub runs
+                    return self._behind(first.lsn), 0
                 state = DumpChunk(chunk, dump_id(chunk), self.session, first.lsn)
                 try:
                     await self._inject(call, first, state, watch.filter(first.lsn))
@@ -166,6 +168,13 @@ class DumpFeed:
             return f"dumper {self._dumper}: {exc.details() or exc.code().name}", 0
         finally:
             hub.unwatch(watch)
+
+    def _behind(self, lsn: int) -> str:
+        return (
+            f"the replica was read at {format_lsn(lsn)}, behind "
+            f"{format_lsn(self.hub.delivered_lsn)}, which clients of URI {self._uri} may have been "
+            "sent already: the chunk is retried once the replica has caught up"
+        )
 
     def _not_reached(self, lsn: int) -> str:
         return (

@@ -64,13 +64,16 @@ from pgcapture.gateway.resolver import Route
 from pgcapture.log.batch import decode_batch, encode_record
 from pgcapture.log.follow import StreamGap, StreamMissing, locate
 from pgcapture.log.lease import Lease, new_owner_id
-from pgcapture.log.reader import parse_fragment, whole_record
+from pgcapture.log.reader import bounds, parse_fragment, whole_record
 from pgcapture.log.stream import read_tail
 from pgcapture.ops.metrics import commit_time
 
 log = logging.getLogger("pgcapture.gateway")
 
 START_LSN: Final = "pgcapture_start_lsn"  # consumer metadata: records below it are skipped
+# Consumer metadata: the highest commit LSN the URI's consumer ever delivered, kept across the
+# consumer's re-creation (ordered URIs) so dumps never bring rows older than what clients saw.
+DELIVERED_LSN: Final = "pgcapture_delivered_lsn"
 _FETCH: Final = 16  # stream messages per fetch
 _STREAM_NOT_FOUND: Final = 10059  # JetStream API error code
 _LINGER: Final = 5.0  # seconds a hub stays after its last client left
@@ -217,6 +220,9 @@ class Hub:
         self._truncating: Counter[tuple[str, str]] = Counter()  # ordered: truncates of it
         self.start_lsn = 0
         self.taken_lsn = 0  # every stream message up to this commit LSN is taken
+        # the highest commit LSN a client of the URI may have been sent, by any gateway, when
+        # this hub started: a dump row must not be older (known once the hub runs)
+        self.delivered_lsn = 0
         self._taken = asyncio.Event()  # set whenever taken_lsn moves
         self._watches: dict[tuple[str, str], list[Watch]] = {}  # tables being dumped
         self.state = "starting"
@@ -368,7 +374,12 @@ class Hub:
             return
         config = info.config
         self.start_lsn = int((config.metadata or {}).get(START_LSN, "0"))
+        delivered = info.delivered.stream_seq if info.delivered else 0
+        self.delivered_lsn = max(
+            int((config.metadata or {}).get(DELIVERED_LSN, "0")), await self._lsn_of(delivered)
+        )
         if recreate:
+            config.metadata = {**(config.metadata or {}), DELIVERED_LSN: str(self.delivered_lsn)}
             # Restart delivery right after the acknowledged floor, in stream order: the
             # previous reader acknowledged in order, so everything after it is unsettled.
             floor = info.ack_floor.stream_seq if info.ack_floor else 0
@@ -378,6 +389,17 @@ class Hub:
                 config.opt_start_time = None
             await self.js.delete_consumer(stream, name)
             await self.js.add_consumer(stream, config)
+
+    async def _lsn_of(self, seq: int) -> int:
+        """The last commit LSN in stream message ``seq`` (0 for none, or when the retention
+        limits removed it: older than anything a replica could be behind)."""
+        if not seq:
+            return 0
+        try:
+            msg = await self.js.get_msg(self.route.stream, seq=seq)
+        except nats.js.errors.NotFoundError:
+            return 0
+        return bounds(msg.headers, seq)[1].lsn
 
     async def _new_consumer_config(self) -> api.ConsumerConfig:
         s, stream = self.settings, self.route.stream
