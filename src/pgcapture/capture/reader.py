@@ -406,22 +406,25 @@ class SlotReader:
         self._replayed_to = self._last
         start = self._confirmed if start_lsn is None else start_lsn
         deadline = time.monotonic() + _SLOT_RELEASE
-        while True:
-            stream = await ReplicationStream.connect(self.dsn, self.status_interval)
-            try:
-                await stream.start(
-                    self.slot, start, self._options(binary), confirmed=self._confirmed
-                )
-                break
-            except SlotInUse:
-                # the walsender of the connection just closed has not exited yet
-                await stream.close()
-                if time.monotonic() > deadline:
-                    raise
-                await asyncio.sleep(0.05)
-            except BaseException:
-                await stream.close()
-                raise
+        pause = 0.002
+        stream = await ReplicationStream.connect(self.dsn, self.status_interval)
+        try:
+            while True:
+                try:
+                    await stream.start(
+                        self.slot, start, self._options(binary), confirmed=self._confirmed
+                    )
+                    break
+                except SlotInUse:
+                    # the walsender of the connection just closed has not exited yet; the
+                    # failed command leaves this connection ready for another try
+                    if time.monotonic() > deadline:
+                        raise
+                    await asyncio.sleep(pause)
+                    pause = min(pause * 2, 0.05)
+        except BaseException:
+            await stream.close()
+            raise
         stream.confirm(self._confirmed)  # what was confirmed while it started
         self._stream = stream
 
