@@ -37,10 +37,10 @@ change is read again in text, as above:
 
 * in binary, every relation is held when its Relation message comes (``ChangeAssembler(hold=
   True)``); at its first change the reader looks at its column types, from a cache by type OID
-  filled by one catalog query (all built-in types and the relation's unknown ones) on a
-  connection of its own, and releases it, which leaves the row path as it was, unless a column
-  is or holds such a type (or a type since dropped, or a composite with a dropped attribute,
-  which might have); that change then starts the text reading of its transaction;
+  filled by one catalog query for the types not seen yet, on a connection of its own, and
+  releases it, which leaves the row path as it was, unless a column is or holds such a type
+  (or a type since dropped, or a composite with a dropped attribute, which might have held
+  one); that change then starts the text reading of its transaction;
 * a composite type can gain an attribute while a column uses it, with no new Relation message:
   each change of ``pgcapture.ddl_logs`` (every DDL statement) puts the relations whose answer
   came through a user composite back on hold, and drops those answers from the cache;
@@ -82,14 +82,12 @@ OBJECT_NAME_TYPES: Final = {
     2205: "regclass", 2206: "regtype", 3734: "regconfig", 3769: "regdictionary",
     4089: "regnamespace", 4096: "regrole", 4191: "regcollation",
 }  # fmt: skip
-# For each type of ``oids`` (and every built-in type when ``builtins``): the first type naming
-# database objects it is or holds (array elements, domain base types, range subtypes, composite
-# attributes, at any depth), whether something it holds is gone (a dropped type or composite
-# attribute: OID 0 or none), and whether it holds a user composite type, which can change.
+# For each type of ``oids``: the first type naming database objects it is or holds (array
+# elements, domain base types, range subtypes, composite attributes, at any depth), whether
+# something it holds is gone (a dropped type or composite attribute: OID 0 or none), and
+# whether it holds a user composite type, which can change.
 _TYPE_QUERY: Final = """
 WITH RECURSIVE walk(root, typ) AS (
-    SELECT t.oid, t.oid FROM pg_catalog.pg_type AS t WHERE %(builtins)s AND t.oid < 16384
-  UNION
     SELECT r, r FROM pg_catalog.unnest(%(oids)s::pg_catalog.oid[]) AS r
   UNION
     SELECT w.root, s.typ
@@ -172,7 +170,6 @@ class SlotReader:
         self._decoder = PgOutputDecoder(PROTOCOL_VERSION)
         self._assembler = ChangeAssembler(hold=not temporary)
         self._types: dict[int, _TypeInfo] = {}  # by type OID, see _classify
-        self._builtins_known = False
         self._catalog: psycopg.AsyncConnection[Any] | None = None  # for the type lookups
         self._mutable: set[int] = set()  # released relations whose answer may change with DDL
         self._confirmed = 0  # what the caller made durable
@@ -299,7 +296,7 @@ class SlotReader:
         assembler = self._assembler
         rel = assembler.relation(relid)
         unknown = [t for t in set(rel.types) if t not in self._types]
-        if unknown or not self._builtins_known:
+        if unknown:
             await self._look_up(unknown)
         infos = [self._types.get(t, _TypeInfo(DROPPED, False)) for t in rel.types]
         found = next((i.names for i in infos if i.names is not None), None)
@@ -323,8 +320,7 @@ class SlotReader:
         self._types = {oid: info for oid, info in self._types.items() if not info.mutable}
 
     async def _look_up(self, oids: list[int]) -> None:
-        """Fill the type cache for ``oids`` (and the built-in types, the first time)."""
-        builtins = not self._builtins_known
+        """Fill the type cache for ``oids``."""
         for attempt in (1, 2):
             conn = self._catalog
             try:
@@ -334,7 +330,7 @@ class SlotReader:
                     )
                 cur = await conn.execute(
                     _TYPE_QUERY,
-                    {"oids": oids, "builtins": builtins, "names": list(OBJECT_NAME_TYPES)},
+                    {"oids": oids, "names": list(OBJECT_NAME_TYPES)},
                     prepare=False,
                 )
                 rows = await cur.fetchall()
@@ -350,7 +346,6 @@ class SlotReader:
             self._types[int(root)] = _TypeInfo(name or (DROPPED if gone else None), bool(mutable))
         for oid in oids:
             self._types.setdefault(oid, _TypeInfo(DROPPED, False))  # no such type any more
-        self._builtins_known = True
 
     async def _names_objects(self, relid: int, type_name: str) -> None:
         rel = self._assembler.relation(relid)
