@@ -140,6 +140,8 @@ class ReplicaConfig(_Section):
     max_delay: Duration = 1.0
     queue_rows: int = Field(default=5_000, ge=1)
     skip_ddl: list[int] = []
+    # SCHEMA.TABLE: created on the replica from its first change while it does not exist
+    create_missing: list[str] = []
     lock_wait: Duration | None = None  # None: wait until the other replicate is gone
 
 

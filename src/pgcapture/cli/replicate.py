@@ -38,6 +38,7 @@ def _overrides(source: str, flags: dict[str, Any], settings: tuple[str, ...]) ->
             f"{rep}.max_changes": flags["max_changes"],
             f"{rep}.max_delay": flags["max_delay"],
             f"{rep}.skip_ddl": list(flags["skip_ddl"]) or None,
+            f"{rep}.create_missing": list(flags["create_missing"]) or None,
         },
         settings,
     )
@@ -56,6 +57,11 @@ def _overrides(source: str, flags: dict[str, Any], settings: tuple[str, ...]) ->
 @click.option(
     "--skip-ddl", type=int, multiple=True, metavar="ID",
     help="Do not replay this pgcapture.ddl_logs row (its effect was applied by hand).",
+)  # fmt: skip
+@click.option(
+    "--create-missing", multiple=True, metavar="SCHEMA.TABLE",
+    help="When a change of this table arrives and the table does not exist on the replica, "
+    "create it from the change (columns, built-in types and key only; docs/replica.md).",
 )  # fmt: skip
 @click.option("--max-changes", type=int, help="Changes per replica transaction (default 20000).")
 @click.option("--max-delay", help='How long a replica transaction may stay open, e.g. "1s".')
@@ -77,6 +83,8 @@ def replicate(
       pgcapture replicate --config pgcapture.toml --source app --max-changes 5000 \\
           --max-delay 200ms
       pgcapture replicate --config pgcapture.toml --source app --skip-ddl 42
+      pgcapture replicate --config pgcapture.toml --source app --skip-ddl 42 \\
+          --create-missing public.orders
       pgcapture replicate --nats nats://127.0.0.1:4222 --source app --dsn "dbname=replica" \\
           --from-start
     """

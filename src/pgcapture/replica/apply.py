@@ -18,6 +18,7 @@ everything queued before it.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -29,7 +30,7 @@ from pgcapture.errors import ProtocolError
 from pgcapture.log.reader import StoredBatch
 from pgcapture.lsn import format_lsn
 from pgcapture.proto import pb
-from pgcapture.replica.catalog import Catalog, Table, quote_ident
+from pgcapture.replica.catalog import FIRST_NORMAL_OID, Catalog, Table, quote_ident, table_arg
 from pgcapture.replica.ddl import Ddl, decide
 from pgcapture.replica.pipeline import Expect, Pipeline
 from pgcapture.replica.plans import (
@@ -66,6 +67,16 @@ _RESOLVE: Final = (
     b"JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
     b"WHERE c.oid = pg_catalog.to_regclass($1)"
 )
+_TYPE_NAMES: Final = (  # typmod -1, not NULL: NULL names bpchar and bit as char(1) and bit(1)
+    b"SELECT pg_catalog.format_type(t.oid, -1) "
+    b"FROM pg_catalog.unnest($1::pg_catalog.oid[]) WITH ORDINALITY AS t(oid, n) ORDER BY t.n"
+)
+_MISSING: Final = (  # of the names a DROP TABLE gives, those that name no table on the replica
+    b"SELECT pg_catalog.array_to_json(pg_catalog.current_schemas(false))::text, "
+    b"(SELECT pg_catalog.json_agg(n.i)::text "
+    b"FROM pg_catalog.json_array_elements_text($1::pg_catalog.json) WITH ORDINALITY AS n(name, i) "
+    b"WHERE pg_catalog.to_regclass(n.name) IS NULL)"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +85,8 @@ class ApplySettings:
     max_delay: float = 1.0  # seconds a replica transaction may stay open under load
     queue_rows: int = 5_000  # changes queued before they are sent (memory bound)
     skip_ddl: frozenset[int] = frozenset()
+    # (schema, table): created from the first change that arrives while it does not exist
+    create_missing: frozenset[tuple[str, str]] = frozenset()
 
 
 @dataclass(slots=True)
@@ -390,7 +403,9 @@ class Applier:
         plan_key: tuple[object, ...] = (schema, name, op, new_shape, old_shape)
         plan = self._plans.get(plan_key)
         if plan is None:
-            plan = await self._compile(plan_key, schema, name, op, new_shape, old_shape, False)
+            plan = await self._compile(
+                plan_key, schema, name, op, new_shape, old_shape, False, change
+            )
         if row is not None:
             self._heads[row.head] = target
             self._fast[(row.head, row.shape, len(row.new))] = plan
@@ -410,8 +425,9 @@ class Applier:
         new: Shape,
         old: Shape,
         key_changes: bool,
+        change: pb.Change | None = None,
     ) -> Plan:
-        table = await self._table(schema, name)
+        table = await self._table(schema, name, change)
         if op == _INSERT:
             plan = insert_plan(table, new)
         elif op == _UPDATE:
@@ -423,16 +439,73 @@ class Applier:
         self._plans[plan_key] = plan
         return plan
 
-    async def _table(self, schema: str, name: str) -> Table:
+    async def _table(self, schema: str, name: str, change: pb.Change | None = None) -> Table:
         table = await self._catalog.table(self._pipe, schema, name)
+        if table is None and change is not None and (schema, name) in self._settings.create_missing:
+            await self._create_table(schema, name, change)
+            self._catalog.forget(schema, name)
+            table = await self._catalog.table(self._pipe, schema, name)
         if table is None:
             raise SchemaMismatch(
                 f"table {schema}.{name} receives changes but does not exist on the replica: "
                 "the replica's schema differs from the source's (was it bootstrapped from the "
-                "source, and was every DDL statement replayed?). Create the table as on the "
-                "source, then restart replicate"
+                "source, and was every DDL statement replayed, or skipped with --skip-ddl?). "
+                "Create the table as on the source, then restart replicate; or restart replicate "
+                f"with --create-missing {table_arg(schema, name)} to create it from the stream's "
+                "changes (columns and key only, see docs/replica.md)"
             )
         return table
+
+    async def _create_table(self, schema: str, name: str, change: pb.Change) -> None:
+        """Create a table listed in ``create_missing`` from the change that found it missing: a
+        column per field (typed by the source's built-in type OID), a primary key on the key
+        fields when some fields are not (under REPLICA IDENTITY FULL every field is key)."""
+        label = f"{schema}.{name}"
+        fields = list(change.old if change.op == _DELETE else change.new)
+        if not fields:
+            raise SchemaMismatch(
+                f"table {label} does not exist on the replica and the change of source "
+                f"transaction {format_lsn(self._tx_lsn)} carries no column to create it from: "
+                "create the table by hand as on the source, then restart replicate"
+            )
+        for f in fields:
+            if f.oid >= FIRST_NORMAL_OID or f.oid == 0:
+                raise SchemaMismatch(
+                    f"cannot create table {label} from the stream: column {f.name!r} has type "
+                    f"OID {f.oid} on the source, a type of the source's own (enum, domain, "
+                    "composite, extension type) that the replica cannot map from the stream. "
+                    "Create the table by hand as on the source, then restart replicate"
+                )
+        array = "{" + ",".join(str(f.oid) for f in fields) + "}"
+        found = self._pipe.query(
+            _TYPE_NAMES, [array.encode()],
+            expect=Expect(f"naming the column types of {label}", keep=True),
+        )  # fmt: skip
+        await self._pipe.sync()
+        res = found.result
+        assert res is not None
+        types = [(res.get_value(i, 0) or b"").decode() for i in range(res.ntuples)]
+        columns = [f"{quote_ident(f.name)} {t}" for f, t in zip(fields, types, strict=True)]
+        key = [f.name for f in fields if f.key]
+        if key and len(key) < len(fields):
+            columns.append(f"PRIMARY KEY ({', '.join(map(quote_ident, key))})")
+        sql = f"CREATE TABLE {quote_ident(schema)}.{quote_ident(name)} ({', '.join(columns)})"
+        self._pipe.query(
+            sql.encode(),
+            expect=Expect(
+                f"{sql} (--create-missing, source transaction {format_lsn(self._tx_lsn)}); "
+                "create the table by hand as on the source, then restart replicate"
+            ),
+        )
+        await self._pipe.sync()
+        log.warning(
+            "created table %s on the replica from a change of source transaction %s "
+            "(--create-missing): %s. Only column names, base types and the key come from the "
+            "stream: type modifiers, constraints, defaults, indexes and columns absent from this "
+            "change are not known; make the table match the source when you can",
+            label, format_lsn(self._tx_lsn), sql,
+            extra={"source": self._source},
+        )  # fmt: skip
 
     async def _send_queued(self) -> None:
         if not self._queued:
@@ -449,6 +522,14 @@ class Applier:
 
     async def _truncate(self, truncate: pb.Truncate) -> None:
         tables = [t for t in truncate.tables if t.schema != "pgcapture"]
+        listed = self._settings.create_missing
+        if listed and any((t.schema, t.table) in listed for t in tables):
+            # a listed table that does not exist yet has nothing to truncate
+            tables = [
+                t for t in tables
+                if (t.schema, t.table) not in listed
+                or await self._catalog.table(self._pipe, t.schema, t.table) is not None
+            ]  # fmt: skip
         if not tables:
             return
         await self._send_queued()
@@ -460,6 +541,36 @@ class Applier:
             sql += " CASCADE"
         self._pipe.query(sql.encode(), expect=Expect(f"{sql} (transaction {self._tx_lsn:X})"))
         self._changes += 1
+
+    async def _drop_sql(self, ddl: Ddl) -> str:
+        """A DROP TABLE whose only tables missing on the replica are listed in
+        ``create_missing`` (never created: no change of theirs came) runs with IF EXISTS."""
+        assert ddl.sql is not None
+        assert ddl.drop_if_exists is not None
+        names = [
+            f"{quote_ident(s)}.{quote_ident(n)}" if s else quote_ident(n) for s, n in ddl.drops
+        ]
+        found = self._pipe.query(
+            _MISSING,
+            [json.dumps(names).encode()],
+            expect=Expect("finding the tables to drop", keep=True),
+        )
+        await self._pipe.sync()
+        res = found.result
+        assert res is not None
+        path = json.loads(res.get_value(0, 0) or b"[]")
+        missing = [ddl.drops[i - 1] for i in json.loads(res.get_value(0, 1) or b"null") or ()]
+        listed = self._settings.create_missing
+        if not missing or not all(
+            (s, n) in listed if s else any((p, n) in listed for p in path) for s, n in missing
+        ):
+            return ddl.sql
+        log.info(
+            "%s: %s not on the replica (listed in --create-missing, no change of theirs came); "
+            "dropping with IF EXISTS",
+            ddl.describe(), ", ".join(f"{s}.{n}" if s else n for s, n in missing),
+        )  # fmt: skip
+        return ddl.drop_if_exists
 
     async def _ddl(self, ddl: Ddl) -> None:
         if ddl.sql is None:
@@ -475,8 +586,11 @@ class Applier:
                 [ddl.settings.encode()],
                 expect=Expect("setting the source's settings"),
             )
+        sql = ddl.sql
+        if ddl.drops and ddl.drop_if_exists and self._settings.create_missing:
+            sql = await self._drop_sql(ddl)
         pipe.query(
-            ddl.sql.encode(),
+            sql.encode(),
             expect=Expect(
                 lambda: (
                     f"{ddl.describe()}; if the replica cannot run it, apply its effect by "

@@ -15,6 +15,8 @@ one are matched on their whole old row (REPLICA IDENTITY FULL on the source).
 from __future__ import annotations
 
 import json
+import re
+import shlex
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -62,6 +64,29 @@ class Table:
 
 def quote_ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
+
+
+_PLAIN: Final = re.compile(r"[a-z_][a-z0-9_$]*")
+_PART: Final = r'(?:"((?:[^"]|"")+)"|([^".]+))'
+_QUALIFIED: Final = re.compile(rf"{_PART}\.{_PART}")
+
+
+def table_arg(schema: str, name: str) -> str:
+    """``SCHEMA.TABLE`` as ``--create-missing`` takes it, quoted for a shell where needed."""
+    text = ".".join(p if _PLAIN.fullmatch(p) else quote_ident(p) for p in (schema, name))
+    return shlex.quote(text)
+
+
+def parse_table_arg(text: str) -> tuple[str, str]:
+    """``SCHEMA.TABLE`` (either part in double quotes when it holds a dot or a quote) as
+    (schema, table), names taken as written; ValueError when it is not one."""
+    found = _QUALIFIED.fullmatch(text.strip())
+    if found is None:
+        raise ValueError(f"{text!r} is not SCHEMA.TABLE")
+    q1, p1, q2, p2 = found.groups()
+    schema = q1.replace('""', '"') if q1 is not None else p1
+    table = q2.replace('""', '"') if q2 is not None else p2
+    return schema, table
 
 
 _TABLE_SQL: Final = b"""
@@ -126,6 +151,10 @@ class Catalog:
         self._tables: dict[tuple[str, str], Table | None] = {}
         self._types: dict[int, _Type] = {}
         self._fixers: dict[int, Fixer | None] = {}
+
+    def forget(self, schema: str, name: str) -> None:
+        """Read the table again on next use (replicate created it)."""
+        self._tables.pop((schema, name), None)
 
     def clear(self) -> None:
         self._tables.clear()

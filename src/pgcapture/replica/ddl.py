@@ -24,6 +24,10 @@ skip it. The rules:
   written (an older capture, or a query whose columns the source could not take) creates and
   fills the table from the replica's own data; when the source's rows for the new table follow
   in the same transaction, they replace those (``creates``).
+* DROP TABLE (without IF EXISTS) carries the tables it names and its IF EXISTS form
+  (``drops``): when the only tables of it missing on the replica are listed in
+  ``--create-missing`` (a skipped statement created them and no change of theirs came), the
+  replica runs the IF EXISTS form.
 """
 
 from __future__ import annotations
@@ -64,6 +68,10 @@ class Ddl:
     skip: str | None = None
     settings: str | None = None  # the source session's settings, a JSON object
     creates: tuple[str | None, str] | None = None  # CTAS / SELECT INTO target (schema, name)
+    # DROP TABLE without IF EXISTS: the tables it names, and the statement with IF EXISTS (run
+    # when the only tables missing on the replica are listed in --create-missing)
+    drops: tuple[tuple[str | None, str], ...] = ()
+    drop_if_exists: str | None = None
 
     def describe(self) -> str:
         text = " ".join((self.query or "").split())
@@ -209,6 +217,25 @@ def decide(change: pb.Change, skip_ids: frozenset[int] = frozenset()) -> Ddl:
             for cmd in detach:
                 cmd.concurrent = False
             return Ddl(ident, query, RawStream()(stmt), path, settings=settings)
+    if (
+        isinstance(stmt, ast.DropStmt)
+        and stmt.removeType == ObjectType.OBJECT_TABLE
+        and not stmt.missing_ok
+    ):
+        drops: list[tuple[str | None, str]] = []
+        for parts in stmt.objects or ():
+            names = [str(p.sval) for p in parts]
+            if len(names) == 1:
+                drops.append((None, names[0]))
+            elif len(names) == 2:
+                drops.append((names[0], names[1]))
+            else:  # database.schema.table: left to the replica's judgment
+                return Ddl(ident, query, query, path, settings=settings)
+        stmt.missing_ok = True
+        return Ddl(
+            ident, query, query, path, settings=settings,
+            drops=tuple(drops), drop_if_exists=RawStream()(stmt),
+        )  # fmt: skip
     into = None
     if isinstance(stmt, ast.CreateTableAsStmt) and stmt.objtype == ObjectType.OBJECT_TABLE:
         into = stmt.into

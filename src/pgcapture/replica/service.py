@@ -38,6 +38,7 @@ from pgcapture.log.stream import read_tail
 from pgcapture.lsn import LSN
 from pgcapture.ops.http import OpsServer, ServiceStatus
 from pgcapture.replica.apply import Applied, Applier, ApplySettings, source_time
+from pgcapture.replica.catalog import parse_table_arg
 from pgcapture.replica.pipeline import ApplyFailed, Pipeline
 from pgcapture.replica.store import (
     Position,
@@ -283,6 +284,16 @@ async def _prepare_session(conn: psycopg.AsyncConnection[Any]) -> str:
     return str(row[0]) if row else "public"
 
 
+def _tables(names: list[str], where: str) -> frozenset[tuple[str, str]]:
+    try:
+        return frozenset(parse_table_arg(name) for name in names)
+    except ValueError as exc:
+        raise ConfigError(
+            f"{where} (--create-missing): {exc}; write SCHEMA.TABLE, e.g. public.orders, with "
+            'double quotes around a name that holds a dot or quote, e.g. "my.schema".orders'
+        ) from None
+
+
 def health(status: ServiceStatus, metrics: ReplicaMetrics) -> tuple[bool, dict[str, Any]]:
     return status.health(applied_lsn=str(LSN(metrics.applied)))
 
@@ -294,8 +305,9 @@ async def serve_replicate(
     health on ``config.metrics.listen``."""
     rep = source.replica
     settings = ApplySettings(
-        rep.max_changes, rep.max_delay, rep.queue_rows, frozenset(rep.skip_ddl)
-    )
+        rep.max_changes, rep.max_delay, rep.queue_rows, frozenset(rep.skip_ddl),
+        _tables(rep.create_missing, f"[sources.{source.name}.replica] create_missing"),
+    )  # fmt: skip
     metrics = ReplicaMetrics(source.name)
     status = ServiceStatus()
     server = OpsServer(metrics.registry, lambda: health(status, metrics))
