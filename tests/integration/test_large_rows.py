@@ -7,6 +7,7 @@ fragments completes it after the restart.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 from typing import Any
 
@@ -100,9 +101,10 @@ async def test_rows_of_many_megabytes_reach_the_stream_the_replica_consumers_and
 
         seen: dict[int, tuple[int, Any, Any]] = {}
         dumped: dict[int, tuple[Any, Any]] = {}
-        dump = ""
+        dumps: list[str] = []
         consumer = Consumer(services.gateway, "app", table_regex="^big$")
-        async with asyncio.timeout(400), consumer:
+
+        async def consume() -> None:
             async for event in consumer:
                 assert isinstance(event, Change)
                 assert event.new is not None
@@ -113,11 +115,23 @@ async def test_rows_of_many_megabytes_reach_the_stream_the_replica_consumers_and
                 else:
                     seen[row["id"]] = (row["version"], body, blob)
                 event.ack()
-                if len(seen) == len(expected) and not dump:
-                    dump = await schedule(config, "app", "public.big")
-                if len(dumped) == len(expected):
-                    break
-        await wait_for_dump(config, "app", dump)
+                if len(seen) == len(expected) and not dumps:
+                    dumps.append(await schedule(config, "app", "public.big"))
+
+        async with consumer:
+            task = asyncio.create_task(consume())
+            try:
+                async with asyncio.timeout(400):
+                    while len(dumped) < len(expected) and not task.done():
+                        await asyncio.sleep(0.2)
+                    if task.done():
+                        task.result()
+                    # the consumer stays connected until the chunk is acknowledged
+                    await wait_for_dump(config, "app", dumps[0])
+            finally:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
     def as_seen(v: tuple[Any, ...]) -> tuple[int, Any, Any]:
         return v[0], (v[1], v[2]), (v[3], v[4])
