@@ -122,3 +122,34 @@ def test_json_logs_carry_extra_fields_and_errors() -> None:
     assert line["message"] == "lag 5"
     assert line["source"] == "app"
     assert line["error"] == "ConnectionLost: gone"
+
+
+async def test_a_session_that_ignores_the_stop_is_cancelled_after_the_grace(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SIGTERM must end capture even while a session is busy connecting or waiting for its
+    slot (a walsender of a killed predecessor can hold it for wal_sender_timeout)."""
+    from pgcapture.capture import retry
+    from pgcapture.config import validate_config
+
+    cancelled = asyncio.Event()
+
+    async def busy(self: object, stop: asyncio.Event) -> None:
+        try:
+            await asyncio.sleep(3600)  # e.g. waiting for the slot, deaf to ``stop``
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    monkeypatch.setattr(retry.CaptureSession, "run", busy)
+    monkeypatch.setattr(retry, "STOP_GRACE", 0.2)
+    config = validate_config(
+        {"nats": {"url": "nats://127.0.0.1:1"}, "sources": {"app": {"dsn": "dbname=app"}}}
+    )
+    stop = asyncio.Event()
+    task = asyncio.create_task(retry.run_capture(config.source("app"), config.nats, stop))
+    await asyncio.sleep(0.05)
+    stop.set()
+    await asyncio.wait_for(task, 5)
+    assert cancelled.is_set()
+    assert "did not finish within 0.2s of the stop" in caplog.text

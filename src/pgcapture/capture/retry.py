@@ -6,6 +6,10 @@ by the walsender of a dead session) is followed by a new one after an exponentia
 jitter, reset by a session that made progress; a permanent failure (configuration, a permission,
 another capture holding the lease) ends ``run_capture`` with the error that says what to fix.
 Resuming is exact because the stream's tail, not memory, says what is stored.
+
+On stop, a session gets ``STOP_GRACE`` seconds to publish what it holds and release its lease;
+one that is still busy then (connecting, or waiting for the slot to be free) is cancelled, which
+loses nothing for the same reason: a process asked to stop always stops.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from pgcapture.log.lease import new_owner_id
 from pgcapture.ops.http import ServiceStatus
 
 log = logging.getLogger("pgcapture.capture")
+STOP_GRACE = 10.0  # seconds a session may take to finish after stop is set
 
 
 async def run_capture(
@@ -49,7 +54,7 @@ async def run_capture(
         status.sessions += 1
         status.set("connecting")
         try:
-            await session.run(stop)
+            await _until_stopped(session, stop, source.name)
         except BaseException as raised:
             exc = _unwrap(raised)
             if not is_transient(exc):
@@ -68,6 +73,32 @@ async def run_capture(
                 async with asyncio.timeout(delay):
                     await stop.wait()
     status.set("stopped")
+
+
+async def _until_stopped(session: CaptureSession, stop: asyncio.Event, name: str) -> None:
+    """Run ``session``; once ``stop`` is set, give it ``STOP_GRACE`` seconds, then cancel it."""
+    task = asyncio.ensure_future(session.run(stop))
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({task, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if not task.done():
+            await asyncio.wait({task}, timeout=STOP_GRACE)
+        if not task.done():
+            log.warning(
+                "capture of %s did not finish within %gs of the stop; cancelled (nothing is "
+                "lost: the next start resumes from the stream's tail)", name, STOP_GRACE,
+                extra={"source": name},
+            )  # fmt: skip
+            while not task.done():
+                task.cancel()
+                await asyncio.wait({task}, timeout=1.0)
+            if task.cancelled():
+                return
+    finally:
+        stopping.cancel()
+        if not task.done():
+            task.cancel()
+    task.result()
 
 
 def _unwrap(exc: BaseException) -> BaseException:
