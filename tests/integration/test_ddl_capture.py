@@ -168,6 +168,25 @@ async def test_each_ddl_of_a_multi_statement_string_gets_its_own_statement(
     assert all(r.activity["top_level_query"] == query and r.activity["exact"] for r in rows)
 
 
+async def test_a_create_table_as_in_a_prepared_transaction_is_logged_by_its_effect(
+    session: psycopg.AsyncConnection[Any],
+) -> None:
+    """Logging a CREATE TABLE AS by its effect touches no temporary object, so its transaction
+    can still be prepared (two-phase commit); with a temporary table read it never could."""
+    await run(
+        session,
+        "BEGIN",
+        "CREATE TABLE made AS SELECT g AS id, g::text AS label FROM generate_series(1, 3) g",
+        "PREPARE TRANSACTION 'made_by_ctas'",
+        "COMMIT PREPARED 'made_by_ctas'",
+    )
+    rows = await logged(session)
+    assert queries(rows) == ["CREATE TABLE made (id integer, label text)"]
+    assert rows[0].activity["effect"] is True
+    cur = await session.execute("SELECT count(*) FROM made")
+    assert await cur.fetchone() == (3,)
+
+
 async def test_statements_holding_semicolons_are_logged_whole(
     session: psycopg.AsyncConnection[Any],
 ) -> None:

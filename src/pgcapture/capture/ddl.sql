@@ -1160,11 +1160,15 @@ END
 $fn$;
 
 -- The entry `e` of a CREATE TABLE AS / SELECT INTO with `query` replaced by the CREATE TABLE it
--- amounts to, and the statement as written kept in `statement`. The columns come from a
--- temporary view over the same query, made in this session with the user's search path: the
+-- amounts to, and the statement as written kept in `statement`. The columns come from a view
+-- over the same query, made and dropped in this transaction with the user's search path: the
 -- server gives its columns the names, types, type modifiers and collations it gives the new
 -- table's, and only parses the query (nothing is run, which matters since this function runs
--- as its owner). Unchanged when the statement has another form or the view cannot be made.
+-- as its owner). The view is made in schema pgcapture, not as a temporary one: a transaction
+-- that touched a temporary object cannot be prepared (PREPARE TRANSACTION), and a CREATE TABLE
+-- AS must not lose that. Only a query that reads temporary tables (its transaction touched
+-- them already) gets a temporary view. Unchanged when the statement has another form or the
+-- view cannot be made.
 CREATE OR REPLACE FUNCTION pgcapture.table_as_effect(e jsonb, user_path text)
 RETURNS jsonb
 LANGUAGE plpgsql VOLATILE
@@ -1173,9 +1177,10 @@ AS $fn$
 DECLARE
     p record;
     q text;
-    shape text := format('pg_temp.%I', 'pgcapture_shape_' || pg_backend_pid());
+    shape text := format('pgcapture.%I', 'shape_' || pg_backend_pid());
     columns text;
     role text := current_setting('session_replication_role');
+    notices text;
     view text;
 BEGIN
     p := pgcapture.table_as_parts(e ->> 'query');
@@ -1195,7 +1200,7 @@ BEGIN
     EXCEPTION WHEN insufficient_privilege THEN
         NULL;
     END;
-    view := format('CREATE TEMP VIEW %s %s AS %s', shape, p.cols, q);
+    view := format('CREATE VIEW %s %s AS %s', shape, p.cols, q);
     -- The text runs as this function's owner: it must be one statement that only makes the
     -- view. A semicolon (the only separator of statements) never belongs in it.
     IF EXISTS (SELECT FROM pgcapture.lex(view) AS x
@@ -1203,7 +1208,17 @@ BEGIN
         RETURN e;
     END IF;
     PERFORM set_config('search_path', user_path, true);
-    EXECUTE view;
+    notices := current_setting('client_min_messages');
+    PERFORM set_config('client_min_messages', 'warning', true);  -- "will be a temporary view"
+    BEGIN
+        EXECUTE view;
+    EXCEPTION WHEN invalid_table_definition THEN
+        -- "cannot create temporary relation in non-temporary schema": the query reads a
+        -- temporary table
+        shape := format('pg_temp.%I', 'pgcapture_shape_' || pg_backend_pid());
+        EXECUTE format('CREATE TEMP VIEW %s %s AS %s', shape, p.cols, q);
+    END;
+    PERFORM set_config('client_min_messages', notices, true);
     PERFORM set_config('search_path', 'pg_catalog, pg_temp', true);
     SELECT string_agg(format('%I %s%s', a.attname, format_type(a.atttypid, a.atttypmod),
                              CASE WHEN a.attcollation <> 0 AND a.attcollation <> ty.typcollation
