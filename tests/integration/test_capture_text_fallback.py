@@ -323,6 +323,14 @@ async def _start_capture(dsn: str, url: str, name: str) -> asyncio.subprocess.Pr
     )  # fmt: skip
 
 
+async def _drain(proc: asyncio.subprocess.Process, lines: list[str]) -> None:
+    """Keep reading the process's log to its end: a full pipe would block its writes (logging
+    is synchronous), and with them the whole process."""
+    assert proc.stderr is not None
+    while line := await proc.stderr.readline():
+        lines.append(line.decode())
+
+
 async def _log_until(
     proc: asyncio.subprocess.Process, lines: list[str], pattern: re.Pattern[str]
 ) -> re.Match[str]:
@@ -379,8 +387,10 @@ async def test_a_capture_killed_during_the_fallback_resumes_exactly_once(
         await wait_for_stream(nats.url, source.stream_name, expected[-1])
         await _log_until(proc, lines, re.compile("went through in text format"))
     finally:
+        draining = asyncio.create_task(_drain(proc, lines))
         proc.send_signal(signal.SIGTERM)
         await asyncio.wait_for(proc.wait(), 30)
+        await asyncio.wait_for(draining, 5)
     stored = await stream_records(nats.url, source.stream_name)
     assert_same_log(stored, expected)
     in_text = [r for r in stored if r.lsn == commit and r.seq and not r.is_commit]
@@ -459,18 +469,22 @@ async def test_concurrent_fallbacks_under_sigkill_store_each_record_once(
     load = asyncio.gather(*(client(c) for c in range(3)))
     lines: list[str] = []
     kills = 0
+    draining: asyncio.Task[None] | None = None
     try:
         while not load.done() or kills < 4:
             proc = await _start_capture(dsn, nats.url, name)
             await _log_until(proc, lines, re.compile("capturing source"))
+            draining = asyncio.create_task(_drain(proc, lines))
             await asyncio.sleep(rng.uniform(0.2, 1.5))
             proc.send_signal(signal.SIGKILL)
             await proc.wait()
+            await draining
             kills += 1
         await load
         await run(dsn, "INSERT INTO done VALUES (1)")
         proc = await _start_capture(dsn, nats.url, name)
         await _log_until(proc, lines, re.compile("capturing source"))
+        draining = asyncio.create_task(_drain(proc, lines))
         started = asyncio.get_running_loop().time()
         expected = await _confirming_reference(dsn, source.slot_name)
         await wait_for_stream(nats.url, source.stream_name, expected[-1])
@@ -478,6 +492,8 @@ async def test_concurrent_fallbacks_under_sigkill_store_each_record_once(
     finally:
         proc.send_signal(signal.SIGTERM)
         await asyncio.wait_for(proc.wait(), 30)
+        if draining is not None:
+            await asyncio.wait_for(draining, 5)
     stored = await stream_records(nats.url, source.stream_name)
     assert_same_log(stored, expected)
     assert caught_up < 60, f"seed {seed}: {caught_up:.1f}s to catch up"
