@@ -67,6 +67,7 @@ from pgcapture.lsn import format_lsn
 from pgcapture.pgoutput import PgOutputDecoder
 from pgcapture.proto import pb
 from pgcapture.replication import ReplicationStream
+from pgcapture.typewalk import held_types
 
 PROTOCOL_VERSION: Final = 1
 _SLOT_RELEASE: Final = 10.0  # seconds a closed stream's walsender may hold the slot
@@ -86,32 +87,15 @@ OBJECT_NAME_TYPES: Final = {
 # elements, domain base types, range subtypes, composite attributes, at any depth), whether
 # something it holds is gone (a dropped type or composite attribute: OID 0 or none), and
 # whether it holds a user composite type, which can change.
-_TYPE_QUERY: Final = """
-WITH RECURSIVE walk(root, typ) AS (
-    SELECT r, r FROM pg_catalog.unnest(%(oids)s::pg_catalog.oid[]) AS r
-  UNION
-    SELECT w.root, s.typ
-    FROM walk AS w
-    JOIN pg_catalog.pg_type AS t ON t.oid = w.typ
-    CROSS JOIN LATERAL (
-        SELECT t.typelem WHERE t.typelem <> 0
-      UNION ALL
-        SELECT t.typbasetype WHERE t.typbasetype <> 0
-      UNION ALL
-        SELECT r.rngsubtype FROM pg_catalog.pg_range AS r
-        WHERE r.rngtypid = t.oid OR r.rngmultitypid = t.oid
-      UNION ALL
-        SELECT a.atttypid FROM pg_catalog.pg_attribute AS a
-        WHERE t.typrelid <> 0 AND a.attrelid = t.typrelid AND a.attnum > 0
-    ) AS s(typ)
-)
-SELECT w.root,
-       pg_catalog.min(w.typ::pg_catalog.int8)
-           FILTER (WHERE w.typ = ANY(%(names)s::pg_catalog.oid[])),
+_TYPE_QUERY: Final = f"""
+WITH RECURSIVE {held_types("pg_catalog.unnest(%(oids)s::pg_catalog.oid[]) AS x(r)")}
+SELECT h.root,
+       pg_catalog.min(h.typ::pg_catalog.int8)
+           FILTER (WHERE h.typ = ANY(%(names)s::pg_catalog.oid[])),
        pg_catalog.bool_or(t.oid IS NULL),
        pg_catalog.bool_or(t.typtype = 'c' AND t.oid >= 16384)
-FROM walk AS w LEFT JOIN pg_catalog.pg_type AS t ON t.oid = w.typ
-GROUP BY w.root
+FROM held AS h LEFT JOIN pg_catalog.pg_type AS t ON t.oid = h.typ
+GROUP BY h.root
 """
 
 
@@ -349,28 +333,29 @@ class SlotReader:
 
     async def _names_objects(self, relid: int, type_name: str) -> None:
         rel = self._assembler.relation(relid)
-        open_lsn = self._assembler.open_lsn
-        log.info(
-            "a column of %s.%s is or holds type %s, whose values name database objects: "
-            "reading the transaction committing at %s again, from %s, with text values",
-            rel.schema, rel.table, type_name, format_lsn(open_lsn), format_lsn(self._confirmed),
-            extra={"slot": self.slot, "type": type_name},
-        )  # fmt: skip
-        await self._switch(binary=False)
-        self._text = _TextRead(open_lsn - 1, type_name, NAMES_OBJECTS)
+        why = (
+            f"a column of {rel.schema}.{rel.table} is or holds type {type_name}, whose values "
+            "name database objects"
+        )
+        await self._read_in_text(self._assembler.open_lsn - 1, type_name, NAMES_OBJECTS, why)
 
     async def _fall_back(self, exc: NoBinaryOutput) -> None:
         open_lsn = self._assembler.open_lsn
         after = open_lsn - 1 if open_lsn else self._last[0]
+        why = f"the walsender cannot send a value of type {exc.type_name} in binary"
+        await self._read_in_text(after, exc.type_name, NO_BINARY_SEND, why)
+
+    async def _read_in_text(self, after: int, type_name: str, reason: str, why: str) -> None:
+        """Read the first transaction committing after ``after`` again, with text values."""
+        open_lsn = self._assembler.open_lsn
         which = f"committing at {format_lsn(open_lsn)}" if open_lsn else "after the last one"
         log.info(
-            "the walsender cannot send a value of type %s in binary: reading the transaction "
-            "%s again, from %s, with text values",
-            exc.type_name, which, format_lsn(self._confirmed),
-            extra={"slot": self.slot, "type": exc.type_name},
+            "%s: reading the transaction %s again, from %s, with text values",
+            why, which, format_lsn(self._confirmed),
+            extra={"slot": self.slot, "type": type_name},
         )  # fmt: skip
         await self._switch(binary=False)
-        self._text = _TextRead(after, exc.type_name)
+        self._text = _TextRead(after, type_name, reason)
 
     def _text_done(self, text: _TextRead, commit: Record) -> None:
         fallback = TextFallback(commit.lsn, text.xid, text.type_name, text.reason)

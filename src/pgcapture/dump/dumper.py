@@ -45,6 +45,7 @@ from pgcapture.dump.copyrows import Column, CopyChanges
 from pgcapture.errors import PgCaptureError
 from pgcapture.lsn import LSN
 from pgcapture.proto import pb
+from pgcapture.typewalk import held_types
 
 
 class DumpError(PgCaptureError):
@@ -98,7 +99,7 @@ class TableInfo:
 
 
 _POSITION_SQL: Final = "SELECT lsn::text FROM pgcapture.sources WHERE id = %s"
-_COLUMNS_SQL: Final = """
+_COLUMNS_SQL: Final = f"""
 SELECT c.relreplident, a.attname, a.atttypid::int, t.typlen > 0, coalesce(x.text, false),
        CASE c.relreplident
            WHEN 'f' THEN true
@@ -116,22 +117,7 @@ LEFT JOIN pg_attribute a
        ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = ''
 LEFT JOIN pg_type t ON t.oid = a.atttypid
 LEFT JOIN LATERAL (  -- whether the type, or one it holds at any depth, has no binary send
-    WITH RECURSIVE held(typ) AS (
-        SELECT a.atttypid
-      UNION
-        SELECT s.typ FROM held AS h JOIN pg_type AS u ON u.oid = h.typ
-        CROSS JOIN LATERAL (
-            SELECT u.typelem WHERE u.typelem <> 0
-          UNION ALL
-            SELECT u.typbasetype WHERE u.typbasetype <> 0
-          UNION ALL
-            SELECT r.rngsubtype FROM pg_range AS r WHERE r.rngtypid = u.oid
-          UNION ALL
-            SELECT f.atttypid FROM pg_attribute AS f
-            WHERE u.typrelid <> 0 AND f.attrelid = u.typrelid AND f.attnum > 0
-              AND NOT f.attisdropped
-        ) AS s(typ)
-    )
+    WITH RECURSIVE {held_types("(VALUES (a.atttypid)) AS x(r)")}
     SELECT bool_or(u.typsend::oid = 0) AS text FROM held AS h JOIN pg_type AS u ON u.oid = h.typ
 ) AS x ON true
 WHERE n.nspname = %s AND c.relname = %s AND c.relkind IN ('r', 'p')
