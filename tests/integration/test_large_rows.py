@@ -22,7 +22,7 @@ from pgcapture.client import Change, Consumer
 from pgcapture.errors import ConnectionLost
 from pgcapture.local import LocalNats
 from pgcapture.log.batch import Batch
-from pgcapture.log.reader import read_batches
+from pgcapture.log.reader import parse_fragment, read_batches, whole_record
 from pgcapture.log.stream import HEADER_PART
 from pgcapture.log.writer import StreamWriter
 from pgcapture.proto import pb
@@ -220,15 +220,24 @@ async def test_capture_cut_in_the_middle_of_a_record_writes_it_again_and_readers
     try:
         js = nc.jetstream()
         last = (await js.stream_info(source.stream_name)).state.last_seq
-        parts = [
-            (await js.get_msg(source.stream_name, seq=seq)).headers or {}
-            for seq in range(1, last + 1)
-        ]
+        msgs = [await js.get_msg(source.stream_name, seq=seq) for seq in range(1, last + 1)]
+        parts = [msg.headers or {} for msg in msgs]
+        # a gateway that holds only the last fragment reads the record back from the stream:
+        # the run written after the cut, not the cut one
+        final = next(
+            seq
+            for seq, msg in enumerate(msgs, 1)
+            if (f := parse_fragment(msg.headers, msg.data or b"", seq)) and f.end == f.total
+        )
+        fragment = parse_fragment(msgs[final - 1].headers, msgs[final - 1].data or b"", final)
+        assert fragment is not None
+        read_back = await whole_record(js, source.stream_name, final, fragment)
     finally:
         await nc.close()
     ends = [h[HEADER_PART] for h in parts if HEADER_PART in h]
     assert ends[7] == ends[0]  # seven fragments stored, then the record again from its first
     assert ends[:7] == sorted(set(ends[:7]), key=lambda e: int(e.split("/")[0]))
+    assert read_back == next(r for r in records if r.seq == 1 and r.lsn == fragment.lsn)
     changes = [pb.Message.FromString(r.message).change for r in records if r.seq == 1]
     assert [c.new[0].binary for c in changes] == [b"\x00\x00\x00\x01", b"\x00\x00\x00\x02"]
     assert changes[0].new[1].binary == b"".join(

@@ -223,6 +223,8 @@ class Hub:
         # the highest commit LSN a client of the URI may have been sent, by any gateway, when
         # this hub started: a dump row must not be older (known once the hub runs)
         self.delivered_lsn = 0
+        # the fragments of one record taken in order: its checkpoint, the pieces, where they end
+        self._fragments: tuple[Checkpoint, list[bytes], int] | None = None
         self._taken = asyncio.Event()  # set whenever taken_lsn moves
         self._watches: dict[tuple[str, str], list[Watch]] = {}  # tables being dumped
         self.state = "starting"
@@ -445,14 +447,27 @@ class Hub:
 
     async def _records(self, msg: Msg) -> list[Record]:
         """The whole records of a stream message. A record stored in fragments belongs to the
-        message of its last fragment (read back with the fragments before it); the others hold
-        no record and are acknowledged at once."""
+        message of its last fragment; the others hold no record and are acknowledged at once.
+        Fragments that came to this hub in order are kept until the last one; a record whose
+        earlier fragments went elsewhere (a redelivery, another gateway) is read back."""
         seq = msg.metadata.sequence.stream
         fragment = parse_fragment(msg.headers, msg.data, seq)
         if fragment is None:
+            self._fragments = None
             return decode_batch(msg.data)
+        kept = self._fragments
+        if fragment.offset == 0:
+            kept = (fragment.checkpoint, [fragment.piece], fragment.end)
+        elif kept is not None and (kept[0], kept[2]) == (fragment.checkpoint, fragment.offset):
+            kept = (kept[0], [*kept[1], fragment.piece], fragment.end)
+        else:
+            kept = None  # not the next piece of the record kept: read it back at its end
+        self._fragments = kept
         if fragment.end < fragment.total or seq in self.held:
             return []
+        self._fragments = None
+        if kept is not None:
+            return [Record(fragment.lsn, fragment.seq, b"".join(kept[1]))]
         return [await whole_record(self.js, self.route.stream, seq, fragment)]
 
     def _wants_more(self) -> bool:
