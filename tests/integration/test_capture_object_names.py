@@ -17,7 +17,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from log_helpers import current_lsn, http_get, make_config, stream_records
+from log_helpers import current_lsn, http_get, make_config, run_sql, stream_records
 from slot_helpers import Captured, collect, fields, user_changes
 from test_replica_apply import _wait_for, replicating
 
@@ -67,12 +67,6 @@ WORKLOAD = (
 )
 
 
-async def run(dsn: str, *statements: str) -> None:
-    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
-        for statement in statements:
-            await conn.execute(statement)
-
-
 async def as_text(dsn: str, table: str) -> list[tuple[Any, ...]]:
     async with await psycopg.AsyncConnection.connect(dsn) as conn:
         cur = await conn.execute(
@@ -97,11 +91,11 @@ def _transactions(captured: list[Captured]) -> list[list[Captured]]:
 async def test_values_naming_objects_arrive_as_names_as_they_were_written(
     dsn: str, slot_name: str
 ) -> None:
-    await run(dsn, *SCHEMA)
+    await run_sql(dsn, *SCHEMA)
     reader = SlotReader(dsn, slot_name, status_interval=0.5)
     await reader.open()  # the slot, before the workload
     await reader.close()
-    await run(dsn, *WORKLOAD)
+    await run_sql(dsn, *WORKLOAD)
     fallbacks: list[TextFallback] = []
     reader = SlotReader(dsn, slot_name, status_interval=0.5, on_text_fallback=fallbacks.append)
     await reader.open()
@@ -148,8 +142,8 @@ async def test_the_replica_names_the_same_objects(
     dsn: str, replica_dsn: str, nats: LocalNats, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, "pgcapture.capture")
-    await run(dsn, *SCHEMA)
-    await run(replica_dsn, *REPLICA_FIRST, *SCHEMA)
+    await run_sql(dsn, *SCHEMA)
+    await run_sql(replica_dsn, *REPLICA_FIRST, *SCHEMA)
     port = free_port()
     config = make_config(dsn, nats.url, "app")
     config = config.model_copy(update={"metrics": config.metrics.model_copy(
@@ -162,7 +156,7 @@ async def test_the_replica_names_the_same_objects(
     start = await current_lsn(dsn)
     async with await psycopg.AsyncConnection.connect(replica_dsn, autocommit=True) as conn:
         await set_position(conn, "app", start, "test")
-    await run(dsn, *WORKLOAD)
+    await run_sql(dsn, *WORKLOAD)
     stop = asyncio.Event()
     task = asyncio.create_task(serve_capture(config, source, stop))
     try:
@@ -170,7 +164,7 @@ async def test_the_replica_names_the_same_objects(
             await _wait_for(replica_dsn, "plain", 4, applying)
             # a composite type gains a reg* attribute while a column uses it (and capture
             # already knows the table): no Relation message says so, the DDL row does
-            await run(
+            await run_sql(
                 dsn,
                 "ALTER TYPE app.box ADD ATTRIBUTE r regclass",
                 "INSERT INTO boxes VALUES (2, ROW(2, 'app.renamed'))",
@@ -213,8 +207,8 @@ async def test_the_replica_names_the_same_objects(
 async def test_a_name_the_replica_does_not_have_stops_replicate(
     dsn: str, replica_dsn: str, nats: LocalNats
 ) -> None:
-    await run(dsn, *SCHEMA)
-    await run(replica_dsn, *REPLICA_FIRST, *SCHEMA, "ALTER TABLE app.target RENAME TO other")
+    await run_sql(dsn, *SCHEMA)
+    await run_sql(replica_dsn, *REPLICA_FIRST, *SCHEMA, "ALTER TABLE app.target RENAME TO other")
     config = make_config(dsn, nats.url, "app")
     source = config.source("app")
     reader = SlotReader(dsn, source.slot_name, publication=source.slot_name)
@@ -222,7 +216,7 @@ async def test_a_name_the_replica_does_not_have_stops_replicate(
     await reader.close()
     async with await psycopg.AsyncConnection.connect(replica_dsn, autocommit=True) as conn:
         await set_position(conn, "app", await current_lsn(dsn), "test")
-    await run(dsn, "INSERT INTO names (id, c) VALUES (1, 'app.target')")
+    await run_sql(dsn, "INSERT INTO names (id, c) VALUES (1, 'app.target')")
     stop = asyncio.Event()
     task = asyncio.create_task(serve_capture(config, source, stop))
     try:

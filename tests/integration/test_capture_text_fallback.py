@@ -29,6 +29,7 @@ from log_helpers import (
     make_config,
     prepare_slots,
     reference,
+    run_sql,
     stream_records,
     wait_for_slot,
     wait_for_stream,
@@ -59,12 +60,6 @@ ACL_SETUP = (
 )
 
 
-async def run(dsn: str, *statements: str) -> None:
-    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
-        for statement in statements:
-            await conn.execute(statement)
-
-
 def _transactions(captured: list[Captured]) -> list[list[Captured]]:
     out: list[list[Captured]] = []
     for c in captured:
@@ -85,8 +80,8 @@ async def test_a_transaction_without_binary_output_arrives_as_text_then_binary_a
     reader = SlotReader(dsn, slot_name, status_interval=0.5, on_text_fallback=fallbacks.append)
     await reader.open()
     try:
-        await run(dsn, *ACL_SETUP, "CREATE TABLE plain (id int PRIMARY KEY, v text)")
-        await run(
+        await run_sql(dsn, *ACL_SETUP, "CREATE TABLE plain (id int PRIMARY KEY, v text)")
+        await run_sql(
             dsn,
             "BEGIN; INSERT INTO plain VALUES (1, 'before');"
             " CREATE TABLE cls AS SELECT oid, relname, relacl FROM pg_class"
@@ -143,7 +138,9 @@ async def test_a_temporary_slot_names_the_type_and_the_fix(dsn: str, slot_name: 
     reader = SlotReader(dsn, slot_name, temporary=True, status_interval=0.5)
     await reader.open()
     try:
-        await run(dsn, "CREATE TABLE cls AS SELECT relacl FROM pg_class WHERE relacl IS NOT NULL")
+        await run_sql(
+            dsn, "CREATE TABLE cls AS SELECT relacl FROM pg_class WHERE relacl IS NOT NULL"
+        )
         with pytest.raises(NoBinaryOutput, match=r"type aclitem.*use a permanent slot") as err:
             await collect(reader, 2, timeout=20)
         assert err.value.type_name == "aclitem"
@@ -192,9 +189,9 @@ async def test_text_values_apply_on_the_replica_and_are_counted(
     dsn: str, replica_dsn: str, nats: LocalNats, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, "pgcapture.capture")
-    await run(dsn, *SCHEMA)
-    await run(replica_dsn, "CREATE TYPE filler AS ENUM ('x')", "CREATE TYPE filler2 AS (a int)")
-    await run(replica_dsn, *SCHEMA)
+    await run_sql(dsn, *SCHEMA)
+    await run_sql(replica_dsn, "CREATE TYPE filler AS ENUM ('x')", "CREATE TYPE filler2 AS (a int)")
+    await run_sql(replica_dsn, *SCHEMA)
     port = free_port()
     config = make_config(dsn, nats.url, "app")
     config = config.model_copy(update={"metrics": config.metrics.model_copy(
@@ -209,7 +206,7 @@ async def test_text_values_apply_on_the_replica_and_are_counted(
             await set_position(conn, "app", await current_lsn(dsn), "test")
         async with replicating(config, replica_dsn) as applying:
             for statement, _ in WORKLOAD:
-                await run(dsn, statement)
+                await run_sql(dsn, statement)
             await _wait_for(replica_dsn, "plain", 3, applying)
         body = (await http_get(port, "/metrics"))[1].decode()
     finally:
@@ -257,12 +254,12 @@ def _plain(value: Any) -> Any:
 async def test_the_client_library_decodes_text_values_as_psycopg_selects_them(
     dsn: str, nats: LocalNats
 ) -> None:
-    await run(dsn, *SCHEMA)
+    await run_sql(dsn, *SCHEMA)
     config = gateway_config(dsn, nats.url, "acl", app={"start": "beginning"})
     state: dict[str, dict[Any, Row]] = {"grants": {}, "cls": {}}
     async with captured(config, "acl"), running_gateway(config) as address:
         for statement, _ in WORKLOAD:
-            await run(dsn, statement)
+            await run_sql(dsn, statement)
         consumer = Consumer(address, "app", table_regex="^(grants|cls|plain)$", dsn=dsn)
         async with asyncio.timeout(60), consumer:
             async for event in consumer:
@@ -352,12 +349,14 @@ async def test_a_capture_killed_during_the_fallback_resumes_exactly_once(
     config = make_config(dsn, nats.url, name)
     source = config.source(name)
     await prepare_slots(dsn, source)
-    await run(dsn, "CREATE TABLE plain (id int PRIMARY KEY, v text)", "CREATE TABLE done (id int)")
+    await run_sql(
+        dsn, "CREATE TABLE plain (id int PRIMARY KEY, v text)", "CREATE TABLE done (id int)"
+    )
     lines: list[str] = []
     proc = await _start_capture(dsn, nats.url, name)
     try:
         await _log_until(proc, lines, re.compile("capturing source"))
-        await run(
+        await run_sql(
             dsn,
             "BEGIN; INSERT INTO plain SELECT g, 'binary' FROM generate_series(1, 500) g;"
             " CREATE TABLE big AS SELECT g AS id, '{=r/postgres,postgres=arw/postgres}'::aclitem[]"
@@ -441,7 +440,7 @@ async def test_concurrent_fallbacks_under_sigkill_store_each_record_once(
     config = make_config(dsn, nats.url, name)
     source = config.source(name)
     await prepare_slots(dsn, source)
-    await run(
+    await run_sql(
         dsn,
         "CREATE TABLE acls (id int PRIMARY KEY, acl aclitem[], n int)",
         "CREATE TABLE nums (id int PRIMARY KEY, n int)",
@@ -481,7 +480,7 @@ async def test_concurrent_fallbacks_under_sigkill_store_each_record_once(
             await draining
             kills += 1
         await load
-        await run(dsn, "INSERT INTO done VALUES (1)")
+        await run_sql(dsn, "INSERT INTO done VALUES (1)")
         proc = await _start_capture(dsn, nats.url, name)
         await _log_until(proc, lines, re.compile("capturing source"))
         draining = asyncio.create_task(_drain(proc, lines))
